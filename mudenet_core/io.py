@@ -1,0 +1,160 @@
+"""Atomic, self-describing writes: results, tables and checkpoints.
+
+Every write goes to a temporary file in the same folder and is renamed into place, so an interrupted
+run never leaves a half-written CSV, JSON or checkpoint behind, and what was there before survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, or made with an incompatible config."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray | torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically (numpy/torch scalars and configs are converted)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def load_json(path: str | Path) -> Any:
+    """Read JSON; the error names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_csv(path: str | Path, df: pd.DataFrame) -> Path:
+    """Write a DataFrame as CSV (no index), atomically."""
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def git_sha(short: bool = True) -> str:
+    """The repository's HEAD commit (with ``-dirty`` if the tree has changes), or ``"unknown"``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short" if short else "--verify", "HEAD"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create an output folder; refuse to reuse a non-empty one unless ``overwrite=True``."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_checkpoint(path: str | Path, *, state_dict: dict[str, Any], config: Any, **extra: Any) -> Path:
+    """Save a self-describing checkpoint ``{"state_dict", "config", "git_sha", **extra}`` atomically.
+
+    ``config`` is a :class:`~mudenet_core.config.ConfigBase` (stored as a plain dict) or a dict.
+    Never pickles modules: ``state_dict`` holds tensors, ``extra`` holds plain data (step, optimiser state...).
+    """
+    payload = {
+        "state_dict": state_dict,
+        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        "git_sha": git_sha(),
+        "format_version": 1,
+        **extra,
+    }
+    buf = _io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, expected_config: Any | None = None, *, keys: list[str] | None = None) -> dict:
+    """Load a checkpoint saved by :func:`save_checkpoint`.
+
+    Args:
+        path: checkpoint file.
+        expected_config: if given, the stored config must agree with it on ``keys`` (all keys when ``keys`` is
+            None); otherwise :class:`CheckpointError` names the differing keys.
+        keys: the config keys that decide compatibility (architecture), e.g. ``["channels", "image_size"]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt or truncated file
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a mudenet_core checkpoint (missing 'state_dict'/'config')")
+    if expected_config is not None:
+        want = expected_config.to_dict() if hasattr(expected_config, "to_dict") else dict(expected_config)
+        have = ckpt["config"]
+        check = keys if keys is not None else sorted(set(want) | set(have))
+        diff = [k for k in check if want.get(k) != have.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: checkpoint={have.get(k)!r} vs config={want.get(k)!r}" for k in diff)
+            raise CheckpointError(f"{path}: made with an incompatible config ({details})")
+    return ckpt

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small generated MVTec-layout dataset (session-scoped) and the real MPDD category."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MPDD_METAL_PLATE = SHARED_DATA / "mpdd" / "metal_plate"
+DTD_IMAGES = SHARED_DATA / "dtd" / "images"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Apply the ``gpu`` marker to tests whose name mentions CUDA, and skip them without a GPU."""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.name.lower() or "gpu" in item.keywords:
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small generated dataset in the MVTec AD layout (both categories, 64 px, few images)."""
+    from mudenet_core.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, image_size=64, n_train=12, n_test_good=4, n_test_per_defect=2, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mpdd_root() -> Path:
+    """The real MPDD ``metal_plate`` category from ../shared/data (skips where absent)."""
+    if not MPDD_METAL_PLATE.is_dir():
+        pytest.skip(f"real data not present: {MPDD_METAL_PLATE} (only on the project's machines)")
+    return MPDD_METAL_PLATE
+
+
+@pytest.fixture(scope="session")
+def dtd_root() -> Path:
+    """The DTD texture images from ../shared/data (skips where absent)."""
+    if not DTD_IMAGES.is_dir():
+        pytest.skip(f"real data not present: {DTD_IMAGES} (only on the project's machines)")
+    return DTD_IMAGES
