@@ -296,13 +296,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
         runs=runs,
         notebooks=notebooks,
         methods=methods,
-        common=dict(prof["common"]),
+        common={**dict(prof["common"]), "OVERRIDES": parse_overrides(args.set)},
         per_notebook=copy.deepcopy(prof["notebooks"]),
         resume=bool(args.resume),
         jobs=max(1, args.jobs),
         synthetic=dict(prof["synthetic"]),
         explicit_root=bool(args.data_root),
     )
+
+
+def parse_overrides(items: list[str]) -> dict[str, list[str]]:
+    """Parse ``--set`` items: ``METHOD.KEY=VALUE`` -> ``{METHOD: ["KEY=VALUE", ...]}``.
+
+    Example:
+        >>> parse_overrides(["mudenet.train.steps=500", "mudenet.width=32"])
+        {'mudenet': ['train.steps=500', 'width=32']}
+    """
+    out: dict[str, list[str]] = {}
+    for item in items:
+        method, _, rest = item.partition(".")
+        if not rest or "=" not in rest:
+            raise RunAllError(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. mudenet.train.steps=500")
+        out.setdefault(method, []).append(rest)
+    return out
 
 
 def notebook_parameters(
@@ -471,7 +487,8 @@ def _comparable(params: dict | None) -> dict:
 
 def kernel_env(plan: Plan) -> dict[str, str]:
     """Environment for the kernels: quiet progress bars and a fair share of the CPU threads per job."""
-    threads = max(1, (os.cpu_count() or 1) // plan.jobs)
+    # an OMP_NUM_THREADS set by the caller wins (two run_all processes sharing a machine)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // plan.jobs)
     return {
         "MUDENET_NO_PROGRESS": "1",
         "OMP_NUM_THREADS": str(threads),
@@ -783,6 +800,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--only", nargs="+", default=None, help="a subset of notebooks, by name or number (e.g. 00 40)"
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="method config overrides for every run, e.g. mudenet.train.steps=500 "
+        "mudenet.distill.source=train+folder (unknown keys are rejected by the notebooks)",
     )
     p.add_argument("--out", default="results", help="results root (default: results/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

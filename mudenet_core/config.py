@@ -130,7 +130,8 @@ class ConfigBase:
         valid = set(cls.field_names())
         unknown = sorted(set(d) - valid)
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+            valid_keys = ", ".join(sorted(valid))
+            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {valid_keys}")
         hints = typing.get_type_hints(cls)
         kwargs = {k: _coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in d.items()}
         return cls(**kwargs)

@@ -43,8 +43,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict_dataset(detector: Any, dataset: Dataset, *, batch_size: int = 8, device: torch.device | str = "cpu",
-                    num_workers: int = 0, show_progress: bool = True, desc: str = "predict"):
+def predict_dataset(detector: Any, dataset: Dataset, *, batch_size: int = 8,
+                    device: torch.device | str = "cpu", num_workers: int = 0, show_progress: bool = True,
+                    desc: str = "predict"):
     """Run ``detector.predict`` over a dataset.
 
     Returns:
@@ -78,8 +79,13 @@ def evaluate(detector: Any, dataset: Dataset, *, batch_size: int = 8, device: to
 
     Args:
         detector: a fitted detector (see :mod:`mudenet_core.methods`).
-        dataset: a test split yielding ``image``, ``label``, ``mask``, ``path``, ``category``, ``defect_type``.
+        dataset: a test split yielding ``image``, ``label``, ``mask``, ``path``, ``category``,
+            ``defect_type``.
+        batch_size: images per ``predict`` call.
+        device: where the images go (the detector must already be there).
         max_fpr: FPR integration limit of AU-PRO (0.3 as in the MVTec AD protocol).
+        num_workers: DataLoader workers.
+        show_progress: show a progress bar.
     """
     maps, scores, masks, rows, t_pred = predict_dataset(
         detector, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
@@ -94,9 +100,9 @@ def evaluate(detector: Any, dataset: Dataset, *, batch_size: int = 8, device: to
     return EvalResult(metrics=m, scores=df, maps=maps, masks=masks)
 
 
-def save_evaluation(result: EvalResult, out_dir: str | Path, *, config: Any = None, extra: dict | None = None,
-                    save_maps: bool = True) -> dict[str, Path]:
-    """Write ``metrics.json``, ``metrics.csv`` (tidy), ``scores.csv`` and optionally ``maps.npy`` atomically."""
+def save_evaluation(result: EvalResult, out_dir: str | Path, *, config: Any = None,
+                    extra: dict | None = None, save_maps: bool = True) -> dict[str, Path]:
+    """Write ``metrics.json``, ``metrics.csv`` (tidy), ``scores.csv`` and ``maps.npy`` atomically."""
     out_dir = Path(out_dir)
     info = {"metrics": result.metrics, "config": config.to_dict() if hasattr(config, "to_dict") else config,
             **(extra or {})}

@@ -108,7 +108,8 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create an output folder; refuse to reuse a non-empty one unless ``overwrite=True``."""
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
+        raise FileExistsError(
+            f"output folder {path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -117,7 +118,7 @@ def save_checkpoint(path: str | Path, *, state_dict: dict[str, Any], config: Any
     """Save a self-describing checkpoint ``{"state_dict", "config", "git_sha", **extra}`` atomically.
 
     ``config`` is a :class:`~mudenet_core.config.ConfigBase` (stored as a plain dict) or a dict.
-    Never pickles modules: ``state_dict`` holds tensors, ``extra`` holds plain data (step, optimiser state...).
+    Never pickles modules: ``state_dict`` holds tensors, ``extra`` plain data (step, optimiser state...).
     """
     payload = {
         "state_dict": state_dict,
@@ -131,7 +132,8 @@ def save_checkpoint(path: str | Path, *, state_dict: dict[str, Any], config: Any
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, expected_config: Any | None = None, *, keys: list[str] | None = None) -> dict:
+def load_checkpoint(path: str | Path, expected_config: Any | None = None, *,
+                    keys: list[str] | None = None) -> dict:
     """Load a checkpoint saved by :func:`save_checkpoint`.
 
     Args:

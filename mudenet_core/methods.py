@@ -8,8 +8,8 @@ A detector is any object with this interface (MuDeNet and every baseline impleme
     detector.save(path); Detector.load(path, device=dev)
 
 ``fit`` trains on ``train/good`` and calibrates (normalisation statistics, thresholds) on the validation
-split; ``predict`` is pure inference under ``torch.no_grad``. Profiles (``paper``, ``cpu``, ``smoke``) are YAML
-files in ``configs/<method>/<profile>.yaml`` next to the package.
+split; ``predict`` is pure inference under ``torch.no_grad``. Profiles (``paper``, ``cpu``, ``smoke``) are
+YAML files in ``configs/<method>/<profile>.yaml`` next to the package.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def get_method(name: str) -> tuple[type, type]:
     try:
         m = importlib.import_module(mod)
     except ModuleNotFoundError as e:
-        raise ConfigError(f"method {name!r} is registered but its module {mod} is not available: {e}") from None
+        raise ConfigError(f"method {name!r}: its module {mod} cannot be imported: {e}") from None
     return getattr(m, det), getattr(m, cfg)
 
 

@@ -34,9 +34,11 @@ class DistillConfig(ConfigBase):
     lr: float = 1e-3  # Adam learning rate
     batch_size: int = 8  # images per step
     weight_decay: float = 0.0  # Adam weight decay
-    source: Literal["train", "folder"] = "train"  # category's training images, or a folder
-    folder: str | None = None  # image folder for source == "folder" (relative: to the repository root)
-    max_images: int = 0  # cap on the number of distillation images (0 = all)
+    # category's training images, a folder of generic images, or both (the folder shows the teacher the
+    # backbone's response to colours and textures the category never has: results/cpu/mudenet_design.md)
+    source: Literal["train", "folder", "train+folder"] = "train"
+    folder: str | None = None  # images for source "folder" / "train+folder" (relative: to the repo root)
+    max_images: int = 0  # cap on folder images (training images for source "train"); 0 = all
     channel_seed: int = 0  # seed of the random choice of C backbone channels
 
 
@@ -138,14 +140,17 @@ class MuDeNet:
         if dc.source == "train":
             return train_images if dc.max_images <= 0 else train_images[: dc.max_images]
         if not dc.folder:
-            raise ConfigError("MuDeNetConfig.distill.source='folder' needs distill.folder")
+            raise ConfigError(f"MuDeNetConfig.distill.source={dc.source!r} needs distill.folder")
         # subset drawn from a config-seeded generator, so a resumed run picks the same images
-        return train.load_image_folder(
+        folder_images = train.load_image_folder(
             resolve_folder(dc.folder),
             self.config.image_size,
             dc.max_images,
             torch.Generator().manual_seed(dc.channel_seed),
-        )
+        )  # (N_f, 3, H, W)
+        if dc.source == "train+folder":
+            return torch.cat([train_images, folder_images])  # (N + N_f, 3, H, W)
+        return folder_images
 
     def _targets(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Distillation targets E (N, C, h1, w1); sets the channel_idx and target_mean/std buffers."""

@@ -34,7 +34,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     return dev
 
 

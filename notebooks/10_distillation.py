@@ -34,6 +34,7 @@ CATEGORY: str = "plate"  # category folder
 IMAGE_SIZE: int = 128  # square input size in pixels (a multiple of 32 for MuDeNet)
 PROFILE: str = "cpu"  # method configs: configs/<method>/<profile>.yaml (smoke | cpu | paper)
 DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+OVERRIDES: dict = {}  # per-method config overrides: method name -> list of override strings (run_all.py --set)
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
 
 # %% tags=["hide_input"]
@@ -45,7 +46,8 @@ from mudenet_core import experiment, io, viz
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
 splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE)
-cfg = experiment.method_config("mudenet", PROFILE, image_size=IMAGE_SIZE)
+cfg = experiment.method_config("mudenet", PROFILE, image_size=IMAGE_SIZE,
+                                overrides=OVERRIDES.get("mudenet"))
 print(cfg.distill)
 
 # %% [markdown]

@@ -35,6 +35,7 @@ CATEGORY: str = "plate"  # category folder
 IMAGE_SIZE: int = 128  # square input size in pixels (a multiple of 32 for MuDeNet)
 PROFILE: str = "cpu"  # method configs: configs/<method>/<profile>.yaml (smoke | cpu | paper)
 DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+OVERRIDES: dict = {}  # per-method config overrides: method name -> list of override strings (run_all.py --set)
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
 METHODS: list = ["padim", "patchcore", "ae", "us"]  # baselines to run (registry names; unavailable ones are skipped)
 
@@ -59,7 +60,7 @@ print("running:", todo, "| not available:", [m for m in METHODS if m not in avai
 # %%
 tables, curves = [], {}
 for method in todo:
-    cfg = experiment.method_config(method, PROFILE, image_size=IMAGE_SIZE)
+    cfg = experiment.method_config(method, PROFILE, image_size=IMAGE_SIZE, overrides=OVERRIDES.get(method))
     det, info = experiment.fit_or_load(method, cfg, splits, run, generator=generator, device=device, reuse=REUSE)
     result, tidy = experiment.evaluate_method(det, method, splits, run, device=device, config=cfg, fit_info=info)
     tables.append(tidy)

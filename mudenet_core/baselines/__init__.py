@@ -1,1 +1,1 @@
-"""Classic methods MuDeNet is compared with, behind the same detector interface (see ``mudenet_core.methods``)."""
+"""Classic methods MuDeNet is compared with, behind the detector interface of ``mudenet_core.methods``."""

@@ -98,6 +98,20 @@ def test_bad_arguments_are_clear(run_all, tmp_path):
         run_all.make_plan(parse(["--only", "77", "--data-root", str(tmp_path), "--categories", "plate"]))
 
 
+def test_set_overrides_reach_the_notebooks(run_all, tmp_path):
+    parse = run_all.build_parser().parse_args
+    args = parse(["--data-root", str(tmp_path), "--categories", "plate",
+                  "--set", "mudenet.train.steps=500", "mudenet.distill.source=train+folder", "padim.d=50"])
+    plan = run_all.make_plan(args)
+    assert plan.common["OVERRIDES"] == {"mudenet": ["train.steps=500", "distill.source=train+folder"],
+                                        "padim": ["d=50"]}
+    declared = {"OVERRIDES": "{}", "OUT_DIR": "''", "SEED": "0"}
+    params = run_all.notebook_parameters(plan, "20_training", plan.runs[0], declared)
+    assert params["OVERRIDES"]["mudenet"] == ["train.steps=500", "distill.source=train+folder"]
+    with pytest.raises(run_all.RunAllError, match="METHOD.KEY=VALUE"):
+        run_all.make_plan(parse(["--data-root", str(tmp_path), "--categories", "plate", "--set", "steps=5"]))
+
+
 def test_entry_complete(run_all, tmp_path):
     src = run_all.notebook_path("00_data_exploration")
     (tmp_path / "a.csv").write_text("x")

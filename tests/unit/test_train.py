@@ -172,3 +172,41 @@ def test_recalibrating_with_new_scoring_needs_no_retraining(data):
         ((raw[:, 0, 1] - lo) / (hi - lo))[:, None], size=(64, 64), mode="bilinear", align_corners=False
     )
     torch.testing.assert_close(maps, want)
+
+
+def _write_pngs(folder, n, size=40, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("source, expected", [("train", 5), ("folder", 3), ("train+folder", 8)])
+def test_distillation_sources(tmp_path, source, expected):
+    _write_pngs(tmp_path / "generic", 3)
+    cfg = MuDeNetConfig().with_overrides(
+        {"image_size": 64, "distill.source": source, "distill.folder": str(tmp_path / "generic")})
+    train_images = torch.randn(5, 3, 64, 64)
+    images = MuDeNet(cfg)._distillation_data(train_images)
+    assert images.shape == (expected, 3, 64, 64)
+    if source != "folder":
+        assert torch.equal(images[:5], train_images)  # the category's images come first, unchanged
+
+
+def test_distillation_folder_missing_is_a_clear_error(tmp_path):
+    cfg = MuDeNetConfig().with_overrides(
+        {"image_size": 64, "distill.source": "train+folder", "distill.folder": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        MuDeNet(cfg)._distillation_data(torch.randn(2, 3, 64, 64))
+
+
+def test_distillation_on_real_dtd_textures(dtd_root):
+    cfg = MuDeNetConfig().with_overrides(
+        {"image_size": 64, "distill.source": "train+folder", "distill.folder": str(dtd_root),
+         "distill.max_images": 4})
+    images = MuDeNet(cfg)._distillation_data(torch.zeros(1, 3, 64, 64))
+    assert images.shape == (5, 3, 64, 64)
+    assert images[1:].std() > 0.1  # real, varied textures (ImageNet-normalised)
