@@ -35,10 +35,6 @@ from mudenet_core.utils import resolve_device, seed_everything
 SPLIT_SEED = 0  # the train/val split is fixed across training seeds: seeds measure training variance only
 
 
-class StopAfterStage(Exception):
-    """Raised by the fit callback to stop MuDeNet after a stage (stage 1 only: distillation)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One (dataset, category, seed) run and its output folder.
@@ -320,8 +316,7 @@ def distill_mudenet(
 ) -> dict[str, Any]:
     """Stage 1 only: distil MuDeNet's teacher; the state is left in ``<run>/checkpoints/mudenet/last.pt``.
 
-    :meth:`MuDeNet.fit` runs both stages and checkpoints between them; this stops it at the first step of
-    stage 2 (that step is discarded: :func:`fit_or_load` resumes from the checkpoint written before it).
+    :meth:`MuDeNet.distill` stops before stage 2; :func:`fit_or_load` resumes from that checkpoint.
 
     Returns:
         the distillation log (``step``, ``L_dist``, ``time_s``, ...), also saved as ``distill_log.json``.
@@ -340,25 +335,9 @@ def distill_mudenet(
         if reuse and log_path.is_file():
             return io.load_json(log_path)
 
-    def stop(stage: str, step: int, losses: dict[str, float]) -> None:
-        if stage != "distill":
-            raise StopAfterStage(stage)
-
-    det = MuDeNet(config)
     t0 = time.perf_counter()
-    try:
-        det.fit(
-            splits.train,
-            splits.val,
-            generator=generator,
-            device=device,
-            show_progress=show_progress,
-            checkpoint_dir=ckpt_dir,
-            resume=reuse,
-            callback=stop,
-        )
-    except StopAfterStage:
-        pass
+    MuDeNet(config).distill(splits.train, generator=generator, device=device, show_progress=show_progress,
+                            checkpoint_dir=ckpt_dir, resume=reuse)
     ckpt = io.load_checkpoint(ckpt_dir / MuDeNet.CHECKPOINT_NAME)
     log = dict(ckpt["log"].get("distill", {}))
     log["wall_s"] = time.perf_counter() - t0

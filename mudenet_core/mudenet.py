@@ -188,6 +188,29 @@ class MuDeNet:
             code_version=__version__,
         )
 
+    def distill(
+        self,
+        train_ds,
+        *,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        show_progress: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        callback: train.StepCallback | None = None,
+    ) -> dict[str, Any]:
+        """Stage 1 only: distil the teacher (Eq. 16) and stop before the students are trained.
+
+        With ``checkpoint_dir``, ``last.pt`` is left at the start of stage 2, so
+        ``fit(..., checkpoint_dir=<same>, resume=True)`` continues from the distilled teacher (the
+        ``10_distillation`` notebook and ``mudenet distill`` work this way). Arguments as in :meth:`fit`.
+
+        Returns:
+            log dict with ``distill`` (step, L_dist, time_s, steps_per_s).
+        """
+        return self._fit(train_ds, None, generator=generator, device=device, show_progress=show_progress,
+                         checkpoint_dir=checkpoint_dir, resume=resume, callback=callback, distill_only=True)
+
     def fit(
         self,
         train_ds,
@@ -201,6 +224,26 @@ class MuDeNet:
         callback: train.StepCallback | None = None,
     ) -> dict[str, Any]:
         """Distil the teacher, train S1/A/S2 end to end, then calibrate the map normalisation on ``val_ds``.
+
+        See :meth:`_fit` for the arguments and the returned log.
+        """
+        return self._fit(train_ds, val_ds, generator=generator, device=device, show_progress=show_progress,
+                         checkpoint_dir=checkpoint_dir, resume=resume, callback=callback, distill_only=False)
+
+    def _fit(
+        self,
+        train_ds,
+        val_ds,
+        *,
+        generator: torch.Generator,
+        device: torch.device | str,
+        show_progress: bool,
+        checkpoint_dir: str | Path | None,
+        resume: bool,
+        callback: train.StepCallback | None,
+        distill_only: bool,
+    ) -> dict[str, Any]:
+        """Both stages (or stage 1 only with ``distill_only``) and the calibration.
 
         Args:
             train_ds: nominal training images (dataset items are dicts with "image" (3, H, W)).
@@ -216,6 +259,7 @@ class MuDeNet:
                 when the file does not exist.
             callback: called as ``callback(stage, step, losses)`` after every training step
                 (e.g. to stop a run).
+            distill_only: stop after stage 1 (see :meth:`distill`).
 
         Returns:
             log dict: ``distill`` (step, L_dist, time_s, steps_per_s), ``train`` (step, L1, LA, L2,
@@ -286,6 +330,12 @@ class MuDeNet:
             stage, resumed = "train", None
             if ckpt_path is not None:
                 self._save_state(ckpt_path, "train", None, log, generator)
+
+        if distill_only:
+            if stage == "done":
+                raise ValueError(f"{ckpt_path}: this run finished training; there is no stage 1 to resume")
+            self.device = device
+            return log
 
         if stage == "train":
             tc = cfg.train

@@ -210,3 +210,22 @@ def test_distillation_on_real_dtd_textures(dtd_root):
     images = MuDeNet(cfg)._distillation_data(torch.zeros(1, 3, 64, 64))
     assert images.shape == (5, 3, 64, 64)
     assert images[1:].std() > 0.1  # real, varied textures (ImageNet-normalised)
+
+
+def test_distill_then_fit_equals_one_fit(tmp_path, data, reference):
+    """Stage 1 alone (``distill``), then ``fit(resume=True)``, reproduces an uninterrupted ``fit`` exactly."""
+    cfg = MuDeNetConfig.from_dict(TINY)
+    train_ds, val_ds = data
+    ref, log_ref = reference
+    ckpt_dir = tmp_path / "run"
+    log1 = MuDeNet(cfg).distill(train_ds, generator=torch.Generator().manual_seed(0), show_progress=False,
+                                checkpoint_dir=ckpt_dir)
+    assert "train" not in log1 and len(log1["distill"]["L_dist"]) == TINY["distill"]["steps"]
+    assert load_checkpoint(ckpt_dir / "last.pt")["stage"] == "train"
+    det = MuDeNet(cfg)
+    log = det.fit(train_ds, val_ds, generator=torch.Generator().manual_seed(0), show_progress=False,
+                  checkpoint_dir=ckpt_dir, resume=True)
+    assert log["distill"]["L_dist"] == log_ref["distill"]["L_dist"]
+    assert log["train"]["L"] == log_ref["train"]["L"]
+    x = val_ds.images
+    torch.testing.assert_close(det.predict(x)[0], ref.predict(x)[0], rtol=0, atol=0)
