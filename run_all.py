@@ -631,9 +631,15 @@ def run_profile(plan: Plan, *, show_progress: bool = True) -> dict:
         "notebooks": plan.notebooks,
         "runs": {},
         "report": previous.get("report"),
+        # every invocation that wrote into this profile folder (runs of other datasets stay in the report)
+        "invocations": [*previous.get("invocations", []), {"argv": sys.argv[1:], "git_sha": git_sha(),
+                                                           "started": dt.datetime.now(dt.timezone.utc)
+                                                           .isoformat(timespec="seconds")}],
     }
-    if plan.resume:
-        manifest["runs"] = dict(previous.get("runs", {}))
+    this_plan = {key.label for key in plan.runs}
+    # runs of earlier invocations are kept; this plan's own are kept only when resuming (else they rerun)
+    manifest["runs"] = {k: v for k, v in previous.get("runs", {}).items()
+                        if plan.resume or k not in this_plan}
     n_run_nbs = sum(1 for n, s in NOTEBOOKS if s == "run" and n in plan.notebooks)
     n_prof_nbs = sum(1 for n, s in NOTEBOOKS if s == "profile" and n in plan.notebooks)
     total = n_run_nbs * len(plan.runs) + n_prof_nbs

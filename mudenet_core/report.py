@@ -96,7 +96,7 @@ PUBLISHED: list[dict] = [
     },
 ]
 PUBLISHED_NOTES = {
-    "mudenet": "MuDeNet (Campos-Romero et al., Information Fusion 2026, doi:10.1016/j.inffus.2026.104214): "
+    "mudenet": "MuDeNet (Campos-Romero et al., Information Fusion 132, 2026): "
     "per-metric numbers not transcribed here (no verified source text available offline); "
     "the paper column is left empty.",
 }
