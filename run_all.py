@@ -739,7 +739,7 @@ def run_profile(plan: Plan, *, show_progress: bool = True) -> dict:
                 plan.profile_dir,
                 manifest=manifest,
                 title=f"MuDeNet workbook — profile {plan.profile}",
-                protocol=_protocol(plan),
+                protocol=_protocol(plan, manifest),
             )
     return {"executed": executed, "manifest": str(mpath), "index": str(index)}
 
@@ -755,17 +755,22 @@ def _report_outputs(profile_dir: Path, start_iso: str) -> list[str]:
     return out
 
 
-def _protocol(plan: Plan) -> str:
-    datasets = sorted({k.dataset for k in plan.runs})
-    cats = sorted({k.category for k in plan.runs})
-    seeds = sorted({k.seed for k in plan.runs})
+def _protocol(plan: Plan, manifest: dict) -> str:
+    """The index's protocol line: every run in the profile folder and the commands that produced them."""
+    keys = [k.split("/") for k in manifest.get("runs", {})] or [
+        [k.dataset, k.category, f"seed{k.seed}"] for k in plan.runs]
+    datasets = sorted({k[0] for k in keys})
+    cats = sorted({f"{k[0]}/{k[1]}" for k in keys})
+    seeds = sorted({k[2].removeprefix("seed") for k in keys})
+    commands = "; ".join(dict.fromkeys(  # each distinct command once, in order
+        "python run_all.py " + " ".join(inv.get("argv", [])) for inv in manifest.get("invocations", [])))
     return (
         f"Protocol: profile '{plan.profile}' (params/{plan.profile}.yaml); dataset(s) {', '.join(datasets)}; "
-        f"categories {', '.join(cats)}; seeds {', '.join(map(str, seeds))}; "
+        f"categories {', '.join(cats)}; seeds {', '.join(seeds)}; "
         f"methods {', '.join(plan.methods)}. "
         "Models train on train/good only; normalisation and thresholds are calibrated on a validation split "
         "carved from train/good; metrics are computed on the full test split (image AUROC, pixel AUROC, "
-        "AU-PRO up to FPR 0.3, normalised)."
+        "AU-PRO up to FPR 0.3, normalised)." + (f" Commands: {commands}." if commands else "")
     )
 
 
