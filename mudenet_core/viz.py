@@ -285,10 +285,10 @@ def pro_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], *, max_fpr: fl
     for name, (masks, maps) in curves.items():
         masks, maps = _np(masks), _np(maps)
         fpr, pro = metrics.pro_curve(masks, maps)
-        fpr, pro = np.asarray(fpr), np.asarray(pro)
-        keep = fpr <= max_fpr
+        # the curve holds only its corner points: cut at max_fpr with the end point interpolated
+        fpr, pro = metrics.truncate_curve(np.asarray(fpr), np.asarray(pro), max_fpr)
         aupro = metrics.au_pro(masks, maps, max_fpr=max_fpr)
-        ax.plot(fpr[keep], pro[keep], lw=1.3, label=f"{name} ({aupro:.3f})")
+        ax.plot(fpr, pro, lw=1.3, label=f"{name} ({aupro:.3f})")
     ax.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, max_fpr), ylim=(0, 1.01),
            title=title)
     ax.legend(fontsize=7, loc="lower right", title=f"AU-PRO@{max_fpr:g}", title_fontsize=7)

@@ -149,6 +149,8 @@ def test_pro_curves_perfect_maps(toy, tmp_path):
     assert ax.get_xlim() == (0, 0.3)
     x, y = ax.lines[0].get_data()
     assert x.max() <= 0.3 and y.max() == pytest.approx(1.0)  # a map equal to the mask overlaps fully
+    for line in ax.lines:  # every curve is drawn up to the FPR limit (its corner points can lie far apart)
+        assert line.get_xdata()[-1] == pytest.approx(0.3)
     label = ax.get_legend().get_texts()[0].get_text()
     assert label.startswith("perfect (") and float(label[9:-1]) > 0.95
     _assert_png(viz.save_figure(fig, tmp_path / "pro.png"))
