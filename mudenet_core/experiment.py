@@ -357,13 +357,9 @@ def teacher_and_target(det, images: torch.Tensor) -> tuple[torch.Tensor, list[to
     import torch.nn.functional as F
 
     from mudenet_core import train
-    from mudenet_core.nets.backbones import DEFAULT_LAYERS, build_backbone
 
     cfg, nets = det.config, det.nets
-    layers = list(cfg.backbone_layers or DEFAULT_LAYERS[cfg.backbone])
-    with torch.random.fork_rng(devices=[]):  # unpretrained (test) backbones: weights fixed by the config
-        torch.manual_seed(cfg.distill.channel_seed)
-        backbone = build_backbone(cfg.backbone, layers, pretrained=cfg.pretrained)
+    backbone, layers = det.distillation_backbone()
     feats = train.backbone_features(backbone, layers, images, batch_size=cfg.eval_batch_size,
                                     channel_idx=nets.channel_idx.cpu())  # (B, C, h1, w1)
     targets, _, _ = train.distillation_targets(feats, nets.target_mean.cpu(), nets.target_std.cpu())

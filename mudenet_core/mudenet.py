@@ -152,15 +152,21 @@ class MuDeNet:
             return torch.cat([train_images, folder_images])  # (N + N_f, 3, H, W)
         return folder_images
 
-    def _targets(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Distillation targets E (N, C, h1, w1); sets the channel_idx and target_mean/std buffers."""
+    def distillation_backbone(self) -> tuple[torch.nn.Module, list[str]]:
+        """The frozen backbone the targets E come from, and its layers (the same every time for a config)."""
         from mudenet_core.nets.backbones import DEFAULT_LAYERS, build_backbone
 
         cfg = self.config
         layers = list(cfg.backbone_layers or DEFAULT_LAYERS[cfg.backbone])
         with torch.random.fork_rng(devices=[]):  # unpretrained (test) backbones: weights fixed by the config
             torch.manual_seed(cfg.distill.channel_seed)
-            backbone = build_backbone(cfg.backbone, layers, pretrained=cfg.pretrained).to(device)
+            return build_backbone(cfg.backbone, layers, pretrained=cfg.pretrained), layers
+
+    def _targets(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Distillation targets E (N, C, h1, w1); sets the channel_idx and target_mean/std buffers."""
+        cfg = self.config
+        backbone, layers = self.distillation_backbone()
+        backbone = backbone.to(device)
         total = sum(backbone.channels[name] for name in layers)
         idx = train.choose_channels(total, cfg.out_channels, cfg.distill.channel_seed)
         feats = train.backbone_features(
