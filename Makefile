@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint clean-results notebooks
+.PHONY: run reference test test-fast lint clean-results notebooks
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## make run: install if needed, then regenerate every table and figure on the embedded generated dataset
+## into results/<profile>/ (git-ignored: a run never modifies tracked files)
 run: $(STAMP)
 	$(PY) run_all.py $(ARGS)
+
+## make reference: regenerate the committed results/reference/<profile>/ (refuses on a dirty git tree)
+reference: $(STAMP)
+	$(PY) run_all.py --reference $(ARGS)
 
 ## make test: install if needed, then lint and run the whole test suite
 test: $(STAMP)
@@ -30,3 +35,7 @@ lint: $(STAMP)
 
 notebooks: $(STAMP)
 	$(PY) -m jupytext --to ipynb notebooks/*.py
+
+## make clean-results: delete the user runs (results/<profile>/); the committed reference results stay
+clean-results:
+	rm -rf results/smoke results/cpu results/paper

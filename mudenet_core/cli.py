@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, trains=True)
     p.add_argument("--init", type=Path, default=None,
                    help="output folder of `distill`: continue from its checkpoint (and, by default, config)")
+    p.add_argument("--texture-dir", type=Path, default=None,
+                   help="texture images for the synthetic validation anomalies that choose the threshold "
+                        "(e.g. DTD images/; default: self-textures from the normal images)")
+    p.add_argument("--threshold-quantile", type=float, default=None,
+                   help="threshold = this quantile of the normal validation scores (default 0.99)")
 
     p = sub.add_parser("evaluate", help="score the test split: metrics, per-image scores, overlays",
                        description="Evaluate a checkpoint on the test split of its dataset.",
@@ -147,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, trains=False)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="score threshold for is_anomalous (default: the detector's, else the F1-optimal "
-                        "threshold of an earlier `evaluate` in the checkpoint folder, else none)")
+                   help="score threshold for is_anomalous (default: the one chosen on the validation set at "
+                        "training time, threshold.json beside model.pt)")
     return parser
 
 
@@ -461,14 +466,40 @@ def cmd_train(args, overrides: list[str]) -> int:
         resume = True
         _log(f"train: continuing from {args.init / CHECKPOINT_DIR}")
     detector = det_cls(cfg)
-    log = detector.fit(splits.train, splits.val, generator=generator, device=device,
+    train_ds = splits.train
+    if getattr(det_cls, "TRAINING_FREE", False) and hasattr(train_ds, "without_augment"):
+        train_ds = train_ds.without_augment()
+    log = detector.fit(train_ds, splits.val, generator=generator, device=device,
                        show_progress=not args.no_progress, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume)
     detector.save(out / MODEL_FILE)
     _write_run_config(out, args, method=method, source=source, cfg=detector.config, data_cfg=data_cfg)
     save_json(out / "train_log.json", _finite(log if log is not None else {}))
     _save_loss_curves(log, out)
+    _calibrate_threshold(args, detector, splits, out, device)
     _log(f"train: wrote {out / MODEL_FILE}")
     return 0
+
+
+def _calibrate_threshold(args, detector, splits, out: Path, device: torch.device) -> float:
+    """Choose the decision threshold on the synthetic-anomaly validation set; write threshold.json."""
+    from mudenet_core.data import synthesis
+    from mudenet_core.harness import ThresholdConfig, calibrate_threshold, save_evaluation, save_threshold
+
+    tex = str(args.texture_dir.resolve()) if getattr(args, "texture_dir", None) else ""
+    vcfg = synthesis.ValidationConfig(synthesis=synthesis.SynthesisConfig(texture_dir=tex))
+    val_set = synthesis.validation_set(splits.val, vcfg)
+    q = getattr(args, "threshold_quantile", None)
+    tcfg = ThresholdConfig() if q is None else ThresholdConfig(quantile=q)
+    result, threshold = calibrate_threshold(detector, val_set, cfg=tcfg, device=device)
+    labels = result.scores["label"].to_numpy()
+    save_threshold(out, threshold, tcfg, n_normal=int((labels == 0).sum()), n_anomalous=int((labels == 1).sum()))
+    save_evaluation(result, out / "validation", config=detector.config, save_maps=False,
+                    extra={"split": "val", "threshold": threshold, "git_sha": git_sha()})
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in ("image_auroc", "pixel_auroc",
+                                                                                   "au_pro"))
+    _log(f"train: validation ({int((labels == 0).sum())} normal + {int((labels == 1).sum())} synthetic "
+         f"anomalies): {summary}; threshold {threshold:.6g} ({tcfg.mode}, q={tcfg.quantile})")
+    return threshold
 
 
 def select_overlays(scores: pd.DataFrame, n: int) -> list[int]:
@@ -523,6 +554,12 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
     _log(f"evaluate: {method} from {ckpt} on {data_cfg.dataset}/{data_cfg.category} ({len(test)} images)")
     result = evaluate(detector, test, batch_size=args.batch_size, device=device,
                       show_progress=not args.no_progress)
+    from mudenet_core.harness import deployment_metrics, load_threshold
+
+    rec = load_threshold(ckpt.parent)
+    if rec is not None:  # what a deployment gets at the threshold chosen on validation (f1_max: the oracle)
+        result.metrics.update(deployment_metrics(result.scores["label"], result.scores["score"],
+                                                 rec["threshold"]))
     save_evaluation(result, out, config=detector.config, save_maps=not args.no_maps,
                     extra={"method": method, "checkpoint": str(ckpt), "data_config": data_cfg.to_dict(),
                            "git_sha": git_sha()})
@@ -548,7 +585,7 @@ def _evaluation_figures(result, images: _DisplayImages, out: Path, *, n: int, me
         stem = Path(str(df["image_path"].iloc[i])).stem
         viz.save_figure(fig, out / "overlays" / f"{i:04d}_{defect}_{stem}.png")
     figs = out / "figures"
-    viz.save_figure(viz.score_histogram(labels, scores, threshold=result.metrics.get("f1_threshold"),
+    viz.save_figure(viz.score_histogram(labels, scores, threshold=result.metrics.get("threshold"),
                                         title=f"{method}: image scores"), figs / "score_histogram.png")
     if len(np.unique(labels)) == 2:
         viz.save_figure(viz.roc_curves({method: (labels, scores)}), figs / "roc.png")
@@ -575,20 +612,15 @@ def _list_inputs(path: Path) -> list[Path]:
 
 
 def _known_threshold(args, detector, ckpt: Path) -> tuple[float | None, str]:
-    """The score threshold for ``is_anomalous`` and where it came from."""
+    """The score threshold for ``is_anomalous`` and where it came from (never the test split)."""
+    from mudenet_core.harness import THRESHOLD_FILE, load_threshold
+
     if args.threshold is not None:
         return float(args.threshold), "--threshold"
-    t = getattr(detector, "threshold", None)
-    if isinstance(t, torch.Tensor) and t.numel() == 1:
-        t = float(t)
-    if isinstance(t, int | float) and math.isfinite(t):
-        return float(t), f"{type(detector).__name__}.threshold"
-    metrics_json = ckpt.parent / "evaluate" / "metrics.json"
-    if metrics_json.is_file():
-        t = (load_json(metrics_json).get("metrics") or {}).get("f1_threshold")
-        if isinstance(t, int | float) and math.isfinite(t):
-            return float(t), f"f1_threshold of {metrics_json} (F1-optimal on the labelled test split)"
-    return None, "none known (pass --threshold)"
+    rec = load_threshold(ckpt.parent)
+    if rec is not None:
+        return float(rec["threshold"]), f"{ckpt.parent / THRESHOLD_FILE} (chosen on the validation set)"
+    return None, f"none known: no {THRESHOLD_FILE} beside the model (retrain, or pass --threshold)"
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> Path:

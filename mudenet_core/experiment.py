@@ -4,14 +4,20 @@ A *run* is one (dataset, category, seed) and owns one output folder (``OUT_DIR``
 
     <run>/splits/<dataset>_<category>.csv        resolved index (which images were used)
     <run>/checkpoints/<name>/model.pt            fitted detector (+ fit_log.json, last.pt while training)
-    <run>/eval/<method>/{metrics.json, scores.csv, maps.npy}
-    <run>/tables/metrics_<method>.csv            tidy: method, dataset, category, seed, metric, value, ...
-    <run>/tables/timings_<method>.csv            tidy timings (fit_s, distill_s, train_s, images_per_s)
+    <run>/checkpoints/<name>/threshold.json      decision threshold chosen on the validation set
+    <run>/eval/<method>/{metrics.json, scores.csv, maps.npy}        test split (read once, final report)
+    <run>/eval/<method>/val/{metrics.json, scores.csv, maps.npy}    validation set (every choice)
+    <run>/tables/metrics_<method>.csv            tidy: method, dataset, category, seed, split, metric, value, ...
+    <run>/tables/timings_<method>.csv            tidy timings (fit_s = distill_s + train_s + calibration_s)
     <run>/tables/ablations.csv                   tidy, with ``ablation`` and ``variant`` columns
     <run>/figures/*.png
 
 Everything is written atomically and every step is skippable: with ``reuse=True`` a detector whose
 checkpoint exists is loaded instead of refitted. Each tidy row carries the config hash and the git SHA.
+
+The protocol: the *validation set* (:func:`build_validation`) is the held-out normal training images plus
+synthetic anomalies made on them (:mod:`mudenet_core.data.synthesis`); normalisation statistics, the
+decision threshold and every selection use it. The test split is scored once, by :func:`evaluate_method`.
 """
 
 from __future__ import annotations
@@ -106,14 +112,17 @@ def start_run(
     return Run(out, dataset, category, int(seed), io.git_sha()), g, resolve_device(device)
 
 
-def build_splits(run: Run, data_root: str | Path, image_size: int, **data_overrides: Any):
+def build_splits(run: Run, data_root: str | Path, image_size: int, data_overrides: dict | None = None,
+                 **fields: Any):
     """The category's train/val/test splits; the resolved index is saved under ``<run>/splits/``.
 
     Args:
         run: the run (dataset and category).
         data_root: folder holding the categories ("" for the generated dataset's default root).
         image_size: square input size.
-        **data_overrides: further :class:`~mudenet_core.data.DataConfig` fields.
+        data_overrides: ``DataConfig`` overrides as ``run_all.py --set data.KEY=VALUE`` gives them (the
+            notebooks' ``DATA_OVERRIDES``; dotted keys reach nested fields, e.g. ``augment.hflip``).
+        **fields: further :class:`~mudenet_core.data.DataConfig` fields.
     """
     from mudenet_core.data import DataConfig, make_splits
 
@@ -125,10 +134,34 @@ def build_splits(run: Run, data_root: str | Path, image_size: int, **data_overri
             "category": run.category,
             "image_size": image_size,
             "split_seed": SPLIT_SEED,
-            **data_overrides,
+            **fields,
         }
     )
+    if data_overrides:
+        cfg = cfg.with_overrides(dict(data_overrides))
     return make_splits(cfg, save_split_to=run.path("splits"))
+
+
+def build_validation(splits, texture_dir: str | Path = "", *, min_anomalous: int = 60, seed: int = 0,
+                     show_progress: bool = False):
+    """The synthetic-anomaly validation set of a category (held-out normals + anomalies made on them).
+
+    Args:
+        splits: the category's splits (``splits.val`` holds the held-out normal training images).
+        texture_dir: a folder of texture images (e.g. DTD ``images/``; relative to the repository root);
+            "" = self-textures from the normal images (works offline).
+        min_anomalous: at least this many synthetic anomalies (several versions of each normal image).
+        seed: the validation set's seed (fixed: every method and training seed sees the same set).
+        show_progress: progress bar.
+
+    Returns:
+        :class:`~mudenet_core.data.synthesis.SyntheticAnomalySet`.
+    """
+    from mudenet_core.data import synthesis
+
+    syn = synthesis.SynthesisConfig(texture_dir=str(resolve_path(texture_dir)) if texture_dir else "")
+    cfg = synthesis.ValidationConfig(min_anomalous=min_anomalous, seed=seed, synthesis=syn)
+    return synthesis.validation_set(splits.val, cfg, show_progress=show_progress)
 
 
 def split_counts(index: pd.DataFrame) -> pd.DataFrame:
@@ -239,8 +272,15 @@ def fit_or_load(
     show_progress: bool = False,
     callback=None,
     detector=None,
+    val_set=None,
+    threshold_config=None,
 ):
     """Load ``<run>/checkpoints/<name>/model.pt`` when ``reuse`` and it exists, else fit and save it.
+
+    With ``val_set`` (see :func:`build_validation`), the fitted detector is then scored on the validation
+    set, whose metrics are saved under ``eval/<method>/val/``, and the decision threshold is chosen on it
+    (``threshold.json`` beside ``model.pt``). That is part of the fit: a deployment needs it before its first
+    prediction, so ``fit_s`` counts it, as it counts a distillation run earlier by ``10_distillation``.
 
     Args:
         method: registry name.
@@ -257,36 +297,89 @@ def fit_or_load(
         callback: MuDeNet only: ``callback(stage, step, losses)`` after every step.
         detector: an unfitted detector to fit (default: a new one built from ``config``), e.g. one a callback
             already holds.
+        val_set: the synthetic-anomaly validation set (None: no threshold, no validation metrics).
+        threshold_config: :class:`~mudenet_core.harness.ThresholdConfig` (default: its defaults).
 
     Returns:
-        (detector, info) where info holds ``log`` (the fit log), ``fit_s``, ``config_hash`` and ``loaded``.
+        (detector, info) where info holds ``log`` (the fit log), ``fit_s`` (every stage), ``stages_s``
+        (``distill_s``, ``train_s``, ``calibration_s``), ``config_hash``, ``loaded`` and, with ``val_set``,
+        ``threshold`` and ``validation`` (its metrics).
     """
-    from mudenet_core import methods
+    from mudenet_core import harness, methods
 
     det_cls, _ = methods.get_method(method)
     ckpt_dir = run.checkpoint_dir(name or method)
     model_path, log_path = ckpt_dir / "model.pt", ckpt_dir / "fit_log.json"
+    key = _fit_key(config, val_set, threshold_config)
     if reuse and model_path.is_file() and log_path.is_file():
         info = io.load_json(log_path)
-        if info.get("config_hash") == config.config_hash():
+        if info.get("config_hash") == config.config_hash() and (val_set is None or info.get("fit_key") == key):
             det = det_cls.load(model_path, device=device)
             return det, {**info, "loaded": True}
-        print(f"{model_path}: made with another config; fitting again")
+        print(f"{model_path}: made with another config or validation set; fitting again")
     det = detector if detector is not None else det_cls(config)
     kwargs = {"callback": callback} if callback is not None else {}
+    resume = reuse if resume is None else resume
+    prior_s = _prior_distill_s(ckpt_dir) if resume else 0.0
+    train_ds = splits.train
+    if getattr(det_cls, "TRAINING_FREE", False) and hasattr(train_ds, "without_augment"):
+        train_ds = train_ds.without_augment()  # PaDiM, PatchCore: fitted on the images as they are
     t0 = time.perf_counter()
-    fit = functools.partial(det.fit, splits.train, splits.val, generator=generator, device=device,
+    fit = functools.partial(det.fit, train_ds, splits.val, generator=generator, device=device,
                             show_progress=show_progress, checkpoint_dir=ckpt_dir, **kwargs)
     try:
-        log = fit(resume=reuse if resume is None else resume)
+        log = fit(resume=resume)
     except io.CheckpointError as e:  # a resume checkpoint from another config: start afresh
         print(f"cannot resume ({e}); fitting from scratch")
+        prior_s = 0.0
         log = fit(resume=False)
-    fit_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0
     det.save(model_path)
-    info = {"log": log, "fit_s": fit_s, "config_hash": config.config_hash()}
+    info: dict[str, Any] = {"log": log, "config_hash": config.config_hash(), "fit_key": key}
+    stages = {"distill_s": prior_s, "train_s": train_s, "calibration_s": 0.0}
+    if val_set is not None:
+        tcfg = threshold_config or harness.ThresholdConfig()
+        t0 = time.perf_counter()
+        val_result, threshold = harness.calibrate_threshold(det, val_set, cfg=tcfg, device=device)
+        stages["calibration_s"] = time.perf_counter() - t0
+        labels = val_result.scores["label"].to_numpy()
+        harness.save_threshold(ckpt_dir, threshold, tcfg, n_normal=int((labels == 0).sum()),
+                               n_anomalous=int((labels == 1).sum()))
+        harness.save_evaluation(val_result, run.eval_dir(method) / "val", config=config,
+                                extra={"git_sha": run.git_sha, "split": "val", "threshold": threshold})
+        info["threshold"] = threshold
+        info["threshold_config"] = tcfg.to_dict()
+        info["validation"] = {k: v for k, v in val_result.metrics.items() if k != "images_per_s"}
+    info["stages_s"] = stages
+    info["fit_s"] = float(sum(stages.values()))
     io.save_json(log_path, info)
     return det, {**info, "loaded": False}
+
+
+def _fit_key(config, val_set, threshold_config) -> str:
+    """What a finished fit depends on besides the config: the validation set and the threshold rule."""
+    import hashlib
+    import json
+
+    parts = {"config": config.config_hash()}
+    if val_set is not None:
+        cfg = getattr(val_set, "cfg", None)
+        parts["validation"] = cfg.config_hash() if hasattr(cfg, "config_hash") else str(len(val_set))
+        parts["n"] = len(val_set)
+        parts["threshold"] = threshold_config.config_hash() if threshold_config is not None else "default"
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _prior_distill_s(ckpt_dir: Path) -> float:
+    """Wall time of a distillation that an earlier step left in ``ckpt_dir`` for this fit to resume from."""
+    log_path, last = ckpt_dir / "distill_log.json", ckpt_dir / "last.pt"
+    if not (log_path.is_file() and last.is_file()):
+        return 0.0
+    try:
+        stage = io.load_checkpoint(last).get("stage")
+    except io.CheckpointError:
+        return 0.0
+    return float(io.load_json(log_path).get("wall_s", 0.0)) if stage == "train" else 0.0
 
 
 def load_fitted(method: str, run: Run, *, device: torch.device, name: str | None = None):
@@ -503,33 +596,44 @@ def evaluate_method(
     fit_info: dict | None = None,
     save_maps: bool = True,
 ):
-    """Evaluate on the test split, save ``eval/<method>/`` and the tidy ``metrics``/``timings`` tables.
+    """Evaluate on the test split (once), save ``eval/<method>/`` and the tidy ``metrics``/``timings`` tables.
+
+    The tidy metrics hold both splits: ``split="val"`` rows are the validation metrics recorded at fit time
+    (``fit_info["validation"]``), ``split="test"`` rows the test metrics, plus, when the fit chose a
+    threshold on validation, what a deployment gets at that threshold (``*_at_threshold``) beside the
+    oracle ``f1_max``.
 
     Returns:
         (EvalResult, tidy metrics DataFrame).
     """
     from mudenet_core import harness
 
+    fit_info = fit_info or {}
     result = harness.evaluate(det, splits.test, device=device, show_progress=False)
+    threshold = fit_info.get("threshold")
+    if threshold is not None:
+        result.metrics.update(harness.deployment_metrics(result.scores["label"], result.scores["score"],
+                                                         threshold))
     h = config.config_hash()
     harness.save_evaluation(
         result,
         run.eval_dir(method),
         config=config,
-        extra={"git_sha": run.git_sha, "config_hash": h},
+        extra={"git_sha": run.git_sha, "config_hash": h, "split": "test"},
         save_maps=save_maps,
     )
     quality = {k: v for k, v in result.metrics.items() if k != "images_per_s"}
-    tidy = run.tidy(quality, method=method, config_hash=h)
+    frames = [run.tidy(quality, method=method, config_hash=h, split="test")]
+    if fit_info.get("validation"):
+        frames.insert(0, run.tidy(fit_info["validation"], method=method, config_hash=h, split="val"))
+    tidy = pd.concat(frames, ignore_index=True)
     io.save_csv(run.table(f"metrics_{method}.csv"), tidy)
     timings = {"images_per_s": result.metrics.get("images_per_s", float("nan"))}
     if fit_info:
         timings["fit_s"] = fit_info.get("fit_s", float("nan"))
-        log = fit_info.get("log") or {}
-        for stage in ("distill", "train"):
-            if isinstance(log.get(stage), dict) and "time_s" in log[stage]:
-                timings[f"{stage}_s"] = log[stage]["time_s"]
-    io.save_csv(run.table(f"timings_{method}.csv"), run.tidy(timings, method=method, config_hash=h))
+        timings.update(fit_info.get("stages_s") or {})
+    io.save_csv(run.table(f"timings_{method}.csv"),
+                run.tidy(timings, method=method, config_hash=h, split="test"))
     return result, tidy
 
 
@@ -640,26 +744,32 @@ def scoring_variants(
 
 
 def run_scoring_ablations(
-    det, splits, run: Run, variants: Sequence[tuple], *, method: str = "mudenet", config_hash: str = ""
+    det, splits, run: Run, variants: Sequence[tuple], *, method: str = "mudenet", config_hash: str = "",
+    val_set=None,
 ) -> pd.DataFrame:
-    """Evaluate every scoring variant by re-scoring; return (and append-free save) the tidy ablation rows."""
+    """Evaluate every scoring variant by re-scoring; return the tidy ablation rows.
+
+    Each variant re-fits the normalisation statistics on the normal validation images, then scores the
+    synthetic-anomaly validation set (``split="val"``, when ``val_set`` is given: the numbers a choice may
+    use) and the test split (``split="test"``: reported as ablations, never used to choose).
+    """
     raw_val = raw_components(det, splits.val)
-    raw_test = raw_components(det, splits.test)
-    items = [splits.test[i] for i in range(len(splits.test))]
-    labels = np.array([int(it["label"]) for it in items])
-    masks = np.stack([(it["mask"][0] > 0.5).numpy().astype(np.uint8) for it in items])
+    targets = []
+    if val_set is not None:
+        targets.append(("val", val_set))
+    targets.append(("test", splits.test))
+    prepared = []
+    for split, ds in targets:
+        items = [ds[i] for i in range(len(ds))]
+        labels = np.array([int(it["label"]) for it in items])
+        masks = np.stack([(it["mask"][0] > 0.5).numpy().astype(np.uint8) for it in items])
+        prepared.append((split, raw_components(det, ds), labels, masks))
     size = int(det.config.image_size)
     frames = []
     for ablation, variant, scfg in variants:
-        m = rescore(raw_val, raw_test, scfg, size, labels, masks)
-        frames.append(
-            run.tidy(
-                m,
-                method=method,
-                config_hash=config_hash or scfg.config_hash(),
-                ablation=ablation,
-                variant=variant,
-            )
-        )
+        for split, raw, labels, masks in prepared:
+            m = rescore(raw_val, raw, scfg, size, labels, masks)
+            frames.append(run.tidy(m, method=method, config_hash=config_hash or scfg.config_hash(),
+                                   split=split, ablation=ablation, variant=variant))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=report.ABLATION_COLUMNS)
     return df[report.ABLATION_COLUMNS]

@@ -2,9 +2,18 @@
 
 Example (any registered detector)::
 
-    result = evaluate(detector, splits.test, device=dev)
-    result.metrics["image_auroc"], result.scores.head()
+    val = evaluate(detector, validation_set, device=dev)      # normal + synthetic anomalies (choices)
+    threshold = choose_threshold(val.scores["label"], val.scores["score"], ThresholdConfig())
+    result = evaluate(detector, splits.test, device=dev)      # read once, for the final report
+    result.metrics["image_auroc"], deployment_metrics(result.scores["label"], result.scores["score"], threshold)
     save_evaluation(result, out_dir / "mudenet" / category)
+
+Thresholds never come from test data: :func:`choose_threshold` uses the validation scores only, either a
+quantile of the normal validation images' scores (default: the 0.99 quantile, i.e. about 1 % false alarms if
+the validation normals are representative) or the F1-optimal threshold on the synthetic validation anomalies.
+The threshold is saved next to the model (``threshold.json``) and used by ``predict``, the classification
+report and the "at threshold" test metrics, which are what a deployment gets; ``f1_max`` on the test split
+is the oracle, reported beside them under its own name.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mudenet_core import metrics
-from mudenet_core.io import save_csv, save_json
+from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.io import load_json, save_csv, save_json
 from mudenet_core.utils import progress
 
 
@@ -118,3 +128,86 @@ def save_evaluation(result: EvalResult, out_dir: str | Path, *, config: Any = No
                 np.save(f, result.maps.astype(np.float16))
         paths["maps"] = out_dir / "maps.npy"
     return paths
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Thresholds chosen on validation data
+# ------------------------------------------------------------------------------------------------------------
+THRESHOLD_FILE = "threshold.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdConfig(ConfigBase):
+    """How the decision threshold is chosen on the validation set (never on test data)."""
+
+    mode: Literal["normal_quantile", "f1_synthetic"] = "normal_quantile"  # see choose_threshold
+    quantile: float = 0.99  # normal_quantile: this quantile of the normal validation scores (linear interp.)
+
+    def __post_init__(self):
+        if not 0.0 < self.quantile <= 1.0:
+            raise ConfigError(f"ThresholdConfig.quantile must be in (0, 1], got {self.quantile}")
+
+
+def choose_threshold(labels, scores, cfg: ThresholdConfig = ThresholdConfig()) -> float:
+    """A decision threshold (``score >= threshold`` is anomalous) from validation labels and scores.
+
+    Args:
+        labels: (N,) 0 for normal validation images, 1 for synthetic anomalies.
+        scores: (N,) image scores.
+        cfg: ``normal_quantile`` (needs normal images) or ``f1_synthetic`` (needs both classes).
+
+    Example:
+        >>> choose_threshold([0, 0, 0, 1], [0.1, 0.2, 0.3, 0.9], ThresholdConfig(quantile=0.5))
+        0.2
+        >>> choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], ThresholdConfig(mode="f1_synthetic"))
+        0.35
+    """
+    y = np.asarray(labels).astype(int).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"choose_threshold: {y.size} labels for {s.size} scores")
+    if cfg.mode == "normal_quantile":
+        normal = s[y == 0]
+        if normal.size == 0:
+            raise metrics.MetricError("choose_threshold: no normal validation image to take a quantile of")
+        return float(np.quantile(normal, cfg.quantile))
+    _, thr = metrics.f1_max(y, s)
+    return float(thr)
+
+
+def deployment_metrics(labels, scores, threshold: float) -> dict[str, float]:
+    """Test metrics at a threshold chosen beforehand: ``threshold``, ``{accuracy,precision,recall,f1}_at_threshold``.
+
+    Example:
+        >>> deployment_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.35)["f1_at_threshold"]
+        0.8
+    """
+    m = metrics.threshold_metrics(labels, scores, threshold)
+    return {"threshold": float(threshold), **{f"{k}_at_threshold": float(v) for k, v in m.items()}}
+
+
+def save_threshold(folder: str | Path, threshold: float, cfg: ThresholdConfig, *, n_normal: int,
+                   n_anomalous: int, source: str = "validation") -> Path:
+    """Write ``threshold.json`` (the threshold, how it was chosen, on how many validation images)."""
+    return save_json(Path(folder) / THRESHOLD_FILE, {
+        "threshold": float(threshold), "source": source, "config": cfg.to_dict(),
+        "n_normal": int(n_normal), "n_anomalous": int(n_anomalous)})
+
+
+def load_threshold(folder: str | Path) -> dict | None:
+    """The ``threshold.json`` record of a model folder, or None when there is none."""
+    path = Path(folder) / THRESHOLD_FILE
+    return load_json(path) if path.is_file() else None
+
+
+def calibrate_threshold(detector: Any, validation_set: Dataset, *, cfg: ThresholdConfig = ThresholdConfig(),
+                        batch_size: int = 8, device: torch.device | str = "cpu",
+                        show_progress: bool = False) -> tuple[EvalResult, float]:
+    """Score the validation set, compute its metrics and choose the threshold on it.
+
+    Returns:
+        (validation EvalResult, threshold).
+    """
+    result = evaluate(detector, validation_set, batch_size=batch_size, device=device,
+                      show_progress=show_progress)
+    return result, choose_threshold(result.scores["label"], result.scores["score"], cfg)

@@ -7,6 +7,8 @@ run never leaves a half-written CSV, JSON or checkpoint behind, and what was the
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io as _io
 import json
 import os
@@ -102,6 +104,23 @@ def git_sha(short: bool = True) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@functools.cache
+def code_hash(root: str | Path = REPO_ROOT) -> str:
+    """Short SHA-256 over the code that produces results: ``mudenet_core/**/*.py`` and ``configs/**/*.yaml``.
+
+    Paths (relative to ``root``) and contents both count, so editing, adding, renaming or deleting a package
+    module or any config (method profiles, ``configs/augment/*.yaml``) changes the hash; other files
+    (``__pycache__``, notebooks, results) do not. Cached per process and per ``root``
+    (``code_hash.cache_clear()`` after editing files in a test).
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    files = [*root.glob("mudenet_core/**/*.py"), *root.glob("configs/**/*.yaml")]
+    for p in sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:

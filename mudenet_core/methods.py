@@ -34,16 +34,46 @@ METHODS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def available_methods() -> list[str]:
-    """Names of the registered methods whose module imports (a method still being written is left out)."""
-    out = []
+# Methods whose dependencies are an optional pip extra: name -> extra (``pip install -e ".[<extra>]"``). Only
+# these may be missing from an installation; any other method whose module fails to import is a bug.
+OPTIONAL_EXTRAS: dict[str, str] = {}
+
+
+def _import_error(name: str, mod: str, e: BaseException) -> str:
+    return f"method {name!r}: its module {mod} failed to import ({type(e).__name__}: {e})"
+
+
+def unavailable_methods() -> dict[str, str]:
+    """The optional methods (:data:`OPTIONAL_EXTRAS`) that cannot be imported here, each with the reason.
+
+    Raises:
+        ConfigError: a method that is not an optional extra fails to import (naming module and error).
+    """
+    missing: dict[str, str] = {}
     for name, (mod, _, _) in METHODS.items():
         try:
             importlib.import_module(mod)
-        except ModuleNotFoundError:
-            continue
-        out.append(name)
-    return out
+        except ImportError as e:
+            if name not in OPTIONAL_EXTRAS:
+                raise ConfigError(_import_error(name, mod, e)) from e
+            missing[name] = (f"{_import_error(name, mod, e)}; it needs the optional extra "
+                             f"{OPTIONAL_EXTRAS[name]!r}: pip install -e \".[{OPTIONAL_EXTRAS[name]}]\"")
+        except Exception as e:  # a broken module (SyntaxError, NameError at import...) is never optional
+            raise ConfigError(_import_error(name, mod, e)) from e
+    return missing
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods that import here, in registry order.
+
+    Only the methods of :data:`OPTIONAL_EXTRAS` may be missing (see :func:`unavailable_methods` for why);
+    a package module that fails to import raises instead of silently shrinking the list.
+
+    Raises:
+        ConfigError: naming the module that failed and its import error.
+    """
+    missing = unavailable_methods()
+    return [name for name in METHODS if name not in missing]
 
 
 def get_method(name: str) -> tuple[type, type]:
@@ -53,8 +83,10 @@ def get_method(name: str) -> tuple[type, type]:
     mod, det, cfg = METHODS[name]
     try:
         m = importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"method {name!r}: its module {mod} cannot be imported: {e}") from None
+    except ImportError as e:
+        hint = (f"; install the optional extra: pip install -e \".[{OPTIONAL_EXTRAS[name]}]\""
+                if name in OPTIONAL_EXTRAS else "")
+        raise ConfigError(f"{_import_error(name, mod, e)}{hint}") from e
     return getattr(m, det), getattr(m, cfg)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from mudenet_core import __version__, scoring, train
 from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.data.transforms import BatchAugmenter, derive_seed
 from mudenet_core.io import REPO_ROOT, CheckpointError, load_checkpoint, save_checkpoint
 from mudenet_core.nets.mudenet import MuDeNetNets
 from mudenet_core.scoring import ScoringConfig
@@ -40,6 +41,11 @@ class DistillConfig(ConfigBase):
     folder: str | None = None  # images for source "folder" / "train+folder" (relative: to the repo root)
     max_images: int = 0  # cap on folder images (training images for source "train"); 0 = all
     channel_seed: int = 0  # seed of the random choice of C backbone channels
+    # scratch: distil per category (the paper's reproduction); pretrained: load the generic teacher distilled
+    # once on ImageNet sample + DTD crops (mudenet_core/teacher_zoo.py, EfficientAD-style), then fine-tune it
+    # for `steps` steps on the distillation images if steps > 0 (epochs are ignored: 0 steps = no fine-tuning)
+    init: Literal["scratch", "pretrained"] = "scratch"
+    pretrained_path: str = ""  # init=pretrained: teacher file ("" = the shipped one for the architecture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +82,6 @@ class MuDeNetConfig(ConfigBase):
     normalize_teacher: bool = True  # z-score teacher maps per channel (EfficientAD practice)
     checkpoint_every: int = 500  # steps between resume checkpoints (when fit gets a checkpoint_dir)
     eval_batch_size: int = 8  # batch size for statistics, calibration and prediction
-    augment_copies: int = 1  # augmented versions of each training image (dataset epochs 0..k-1)
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -102,13 +107,34 @@ ARCHITECTURE_KEYS = [
     "normalize_teacher",
 ]
 # A run resumes only into a config that agrees on everything but scoring and bookkeeping.
-RESUME_KEYS = [*ARCHITECTURE_KEYS, "pretrained", "distill", "train", "augment_copies"]
+RESUME_KEYS = [*ARCHITECTURE_KEYS, "pretrained", "distill", "train"]
+# Keys of older configs that are gone; ignored when a saved detector is loaded (training augmentation is the
+# dataset's, drawn on the fly: train.train_end_to_end's augmenter).
+REMOVED_KEYS = ("augment_copies",)
 
 
 def resolve_folder(path: str) -> Path:
     """A config folder path: absolute as given, relative to the repository root otherwise."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _training_images(train_ds, seed: int) -> tuple[torch.Tensor, BatchAugmenter | None]:
+    """The un-augmented training images (N, 3, H, W) and, if the dataset augments, its on-the-fly augmenter.
+
+    A dataset with a (non-identity) ``augment`` (:class:`~mudenet_core.data.AnomalyDataset`) gives its base
+    images through ``without_augment``; the augmenter then draws ``train_ds.augment`` afresh per step with
+    ``seed``. Other datasets are stacked as they are.
+    """
+    aug = getattr(train_ds, "augment", None)
+    if aug is None or aug.is_identity:
+        return train.stack_dataset(train_ds), None
+    if not hasattr(train_ds, "without_augment"):
+        raise TypeError(f"{type(train_ds).__name__} augments but has no without_augment(); MuDeNet needs the "
+                        "un-augmented images to augment on the fly")
+    base = train.stack_dataset(train_ds.without_augment(normalize=False))  # (N, 3, H, W) in [0, 1]
+    augmenter = BatchAugmenter(base, aug, seed, normalize=train_ds.normalize)
+    return augmenter.base(), augmenter
 
 
 def _build_nets(cfg: MuDeNetConfig) -> MuDeNetNets:
@@ -162,17 +188,26 @@ class MuDeNet:
             torch.manual_seed(cfg.distill.channel_seed)
             return build_backbone(cfg.backbone, layers, pretrained=cfg.pretrained), layers
 
-    def _targets(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Distillation targets E (N, C, h1, w1); sets the channel_idx and target_mean/std buffers."""
+    def _targets(self, images: torch.Tensor, device: torch.device, fixed: bool = False) -> torch.Tensor:
+        """Distillation targets E (N, C, h1, w1); sets the channel_idx and target_mean/std buffers.
+
+        With ``fixed``, the buffers already set (a pretrained teacher's) define the targets and are kept.
+        """
         cfg = self.config
         backbone, layers = self.distillation_backbone()
         backbone = backbone.to(device)
         total = sum(backbone.channels[name] for name in layers)
-        idx = train.choose_channels(total, cfg.out_channels, cfg.distill.channel_seed)
+        if fixed:
+            idx = self.nets.channel_idx.cpu()
+        else:
+            idx = train.choose_channels(total, cfg.out_channels, cfg.distill.channel_seed)
         feats = train.backbone_features(
             backbone, layers, images, batch_size=cfg.eval_batch_size, device=device, channel_idx=idx
         )  # (N, C, h1, w1)
         del backbone
+        if fixed:
+            mean, std = self.nets.target_mean.cpu(), self.nets.target_std.cpu()
+            return train.distillation_targets(feats, mean, std)[0]
         targets, mean, std = train.distillation_targets(feats)
         self.nets.channel_idx.copy_(idx)
         self.nets.target_mean.copy_(mean)
@@ -180,7 +215,8 @@ class MuDeNet:
         return targets
 
     def _save_state(
-        self, path: Path, stage: str, loop_state: dict | None, log: dict, generator: torch.Generator
+        self, path: Path, stage: str, loop_state: dict | None, log: dict, generator: torch.Generator,
+        augment: dict | None = None,
     ) -> None:
         save_checkpoint(
             path,
@@ -192,6 +228,7 @@ class MuDeNet:
             generator=generator.get_state(),
             channel_idx=self.nets.channel_idx.tolist(),
             code_version=__version__,
+            augment=augment,  # the training set's augmentation (a resume must use the same)
         )
 
     def distill(
@@ -252,9 +289,11 @@ class MuDeNet:
         """Both stages (or stage 1 only with ``distill_only``) and the calibration.
 
         Args:
-            train_ds: nominal training images (dataset items are dicts with "image" (3, H, W)).
+            train_ds: nominal training images (dataset items are dicts with "image" (3, H, W)). If it
+                augments (an ``AnomalyDataset`` with ``augment``), distillation uses its un-augmented images
+                and stage 2 draws the augmentation afresh for every batch (``train.train_end_to_end``).
             val_ds: held-out nominal images for the map statistics.
-            generator: the only source of randomness (initialisation, batches).
+            generator: the only source of randomness (initialisation, batches, augmentation draws).
             device: where to train and predict.
             show_progress: progress bars with losses and speed.
             checkpoint_dir: if given, ``last.pt`` is written there atomically every
@@ -268,8 +307,9 @@ class MuDeNet:
             distill_only: stop after stage 1 (see :meth:`distill`).
 
         Returns:
-            log dict: ``distill`` (step, L_dist, time_s, steps_per_s), ``train`` (step, L1, LA, L2,
-            L, [L_pen],
+            log dict: ``distill`` (init, [pretrained_path], step, L_dist, time_s, steps_per_s; with
+            ``distill.init="pretrained"`` and no fine-tuning, empty step/L_dist and time_s 0),
+            ``train`` (step, L1, LA, L2, L, [L_pen],
             time_s, steps_per_s), ``calibration_s``, ``time_s``.
         """
         cfg = self.config
@@ -296,7 +336,16 @@ class MuDeNet:
         self.nets.to(device)
         stage = resumed["stage"] if resumed is not None else "distill"
 
-        train_images = train.stack_dataset(train_ds, copies=cfg.augment_copies)  # (N, 3, H, W)
+        # Un-augmented training images (distillation, teacher statistics); the dataset's augmentation, if any,
+        # is drawn afresh for every batch of stage 2, seeded from this fit's generator (through init_seed).
+        aug_seed = derive_seed(init_seed, "augment")
+        train_images, augmenter = _training_images(train_ds, aug_seed)  # (N, 3, H, W)
+        augment_record = augmenter.cfg.to_dict() if augmenter is not None else None
+        if resumed is not None and resumed.get("augment") != augment_record:
+            raise CheckpointError(
+                f"{ckpt_path}: trained with augmentation {resumed.get('augment')!r}, but the training set "
+                f"now augments with {augment_record!r}; resume with the run's data config"
+            )
         assert train_images.shape[-1] == cfg.image_size, (
             f"dataset image size {train_images.shape[-1]} != config image_size {cfg.image_size}"
         )
@@ -304,17 +353,30 @@ class MuDeNet:
         def saver(stage_name: str):
             if ckpt_path is None:
                 return None
-            return lambda loop_state: self._save_state(ckpt_path, stage_name, loop_state, log, generator)
+            return lambda loop_state: self._save_state(ckpt_path, stage_name, loop_state, log, generator,
+                                                       augment=augment_record)
 
+        if stage == "distill" and cfg.distill.init == "pretrained" and resumed is None:
+            # the generic teacher (weights, channel_idx, target_mean/std); a resumed fine-tune has them
+            from mudenet_core import teacher_zoo
+
+            path = teacher_zoo.load_pretrained_teacher(self.nets, cfg, cfg.distill.pretrained_path)
+            log["distill"] = {"init": "pretrained", "pretrained_path": str(path), "step": [], "L_dist": [],
+                              "time_s": 0.0, "steps_per_s": 0.0}
+            if cfg.distill.steps == 0:
+                stage = "statistics"
         if stage == "distill":
-            dimages = self._distillation_data(train_images)
-            targets = self._targets(dimages, device)
             dc = cfg.distill
+            dimages = self._distillation_data(train_images)
+            targets = self._targets(dimages, device, fixed=dc.init == "pretrained")
+            steps = dc.steps if dc.init == "pretrained" else train.steps_for(
+                dimages.shape[0], dc.batch_size, dc.epochs, dc.steps)
+            pretrained_info = {k: v for k, v in log.get("distill", {}).items() if k == "pretrained_path"}
             log["distill"] = train.distill(
                 self.nets.teacher,
                 dimages,
                 targets,
-                steps=train.steps_for(dimages.shape[0], dc.batch_size, dc.epochs, dc.steps),
+                steps=steps,
                 lr=dc.lr,
                 batch_size=dc.batch_size,
                 weight_decay=dc.weight_decay,
@@ -327,6 +389,9 @@ class MuDeNet:
                 show_progress=show_progress,
             )
             del targets
+            log["distill"] = {"init": dc.init, **pretrained_info, **log["distill"]}
+            stage = "statistics"
+        if stage == "statistics":  # not a checkpoint stage: it runs straight after stage 1
             if cfg.normalize_teacher:
                 mean, std = train.teacher_statistics(
                     self.nets.teacher, train_images, batch_size=cfg.eval_batch_size, device=device
@@ -335,7 +400,7 @@ class MuDeNet:
                 self.nets.teacher_std.copy_(std)
             stage, resumed = "train", None
             if ckpt_path is not None:
-                self._save_state(ckpt_path, "train", None, log, generator)
+                self._save_state(ckpt_path, "train", None, log, generator, augment=augment_record)
 
         if distill_only:
             if stage == "done":
@@ -366,6 +431,7 @@ class MuDeNet:
                 lr_decay_at=tc.lr_decay_at,
                 penalty_images=penalty,
                 penalty_weight=tc.penalty_weight,
+                augmenter=augmenter,
                 device=device,
                 state=resumed["loop_state"] if resumed is not None else None,
                 checkpoint=saver("train"),
@@ -381,7 +447,7 @@ class MuDeNet:
         log["calibration_s"] = time.perf_counter() - t0
         log["time_s"] = time.perf_counter() - t_start
         if ckpt_path is not None:
-            self._save_state(ckpt_path, "done", None, log, generator)
+            self._save_state(ckpt_path, "done", None, log, generator, augment=augment_record)
         return log
 
     # ------------------------------------------------------------------ scoring
@@ -468,7 +534,7 @@ class MuDeNet:
                 "fit(..., checkpoint_dir=..., resume=True)"
             )
         try:
-            cfg = MuDeNetConfig.from_dict(ckpt["config"])
+            cfg = MuDeNetConfig.from_dict({k: v for k, v in ckpt["config"].items() if k not in REMOVED_KEYS})
         except ConfigError as e:
             raise CheckpointError(f"{path}: stored config is not a valid MuDeNetConfig ({e})") from None
         det = cls(cfg)

@@ -4,7 +4,9 @@ Both loops draw batches from images already held in memory (the nominal training
 :class:`EpochSampler` driven by an explicit ``torch.Generator``. Every ``checkpoint_every`` steps they hand
 their full loop state (step, optimiser, sampler and generator state, losses so far) to a ``checkpoint``
 callback, and a loop started with that ``state`` continues exactly where it stopped: same batches, same
-losses, same weights as an uninterrupted run.
+losses, same weights as an uninterrupted run. Training augmentation is drawn on the fly
+(:class:`~mudenet_core.data.transforms.BatchAugmenter`): a fresh draw per step, seeded by (seed, step, image),
+so resuming needs no extra state.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from mudenet_core import losses
+from mudenet_core.data.transforms import BatchAugmenter
 from mudenet_core.nets.mudenet import MuDeNetNets
 from mudenet_core.utils import progress
 
@@ -69,23 +72,16 @@ class EpochSampler:
         self.generator.set_state(state["generator"])
 
 
-def stack_dataset(dataset, max_images: int = 0, copies: int = 1) -> torch.Tensor:
-    """The images of a dataset (items are dicts with "image" (3, H, W)) as one tensor (copies * N, 3, H, W).
+def stack_dataset(dataset, max_images: int = 0) -> torch.Tensor:
+    """The images of a dataset (items are dicts with "image" (3, H, W)) as one tensor (N, 3, H, W).
 
-    With ``copies`` > 1 and a dataset that augments (has ``set_epoch``), copy k is the augmentation stream of
-    epoch k, so the pool of augmented images is fixed and reproducible.
+    Items come as the dataset returns them: pass an un-augmented dataset (``dataset.without_augment()``) and
+    augment on the fly with a :class:`~mudenet_core.data.transforms.BatchAugmenter` instead of freezing one
+    augmented draw of every image.
     """
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     assert n > 0, "empty dataset: nothing to train on"
-    assert copies >= 1, f"copies must be >= 1, got {copies}"
-    out = []
-    for k in range(copies):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(k)
-        out.append(torch.stack([dataset[i]["image"] for i in range(n)]))
-        if not hasattr(dataset, "set_epoch"):
-            break  # no augmentation stream: one copy is all there is
-    return torch.cat(out)
+    return torch.stack([dataset[i]["image"] for i in range(n)])
 
 
 def load_image_folder(
@@ -368,6 +364,7 @@ def train_end_to_end(
     lr_decay_at: float | None = None,
     penalty_images: torch.Tensor | None = None,
     penalty_weight: float = 1.0,
+    augmenter: BatchAugmenter | None = None,
     device: torch.device | str = "cpu",
     state: dict | None = None,
     checkpoint: Callable[[dict], None] | None = None,
@@ -379,7 +376,7 @@ def train_end_to_end(
 
     Args:
         nets: the assembled networks (teacher already distilled, ``teacher_mean/std`` set).
-        images: nominal training images (N, 3, H, W).
+        images: nominal training images (N, 3, H, W), un-augmented (as the networks see them: normalised).
         steps: optimisation steps.
         lr: Adam learning rate.
         batch_size: images per step.
@@ -392,6 +389,10 @@ def train_end_to_end(
             mean(S1(p)^2)
             per step (EfficientAD's ImageNet penalty; not in the paper).
         penalty_weight: weight of the penalty term.
+        augmenter: on-the-fly augmentation of the same N images: step t trains on
+            ``augmenter.batch(idx, t)``, a fresh draw every time an image is used (stateless, so resuming
+            reproduces the draws). The teacher's maps are then computed on every augmented batch instead of
+            being cached. None or an identity augmentation: ``images`` as they are (maps cached).
         device: where to train.
         state: loop state from a checkpoint, to resume.
         checkpoint: called with the loop state every ``checkpoint_every`` steps and at the end.
@@ -417,9 +418,15 @@ def train_end_to_end(
     extra = {}
     if penalty_images is not None:
         extra["penalty"] = EpochSampler(penalty_images.shape[0], batch_size, generator)
+    if augmenter is not None and augmenter.is_identity:
+        augmenter = None  # identity: train on ``images`` themselves, teacher maps cached
+    if augmenter is not None:
+        assert len(augmenter) == images.shape[0], (
+            f"augmenter holds {len(augmenter)} images but images has {images.shape[0]}")
+        augmenter = augmenter.to(device)  # augment where the networks run
     cache = None  # the frozen teacher's maps of the (un-augmented) training images, computed once if they fit
     s, c, h = nets.num_levels, nets.teacher.out_channels, nets.image_size // 2
-    if images.shape[0] * s * c * h * h * 4 <= TEACHER_CACHE_BYTES:
+    if augmenter is None and images.shape[0] * s * c * h * h * 4 <= TEACHER_CACHE_BYTES:
         with torch.no_grad():
             parts = [nets.teacher_maps(x.to(device)) for x in _batches(images, batch_size)]
         cache = [torch.cat([p[i] for p in parts]) for i in range(s)]  # S x (N, C, h, w)
@@ -430,7 +437,10 @@ def train_end_to_end(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, lr_decay_at)
         idx = sampler.next()
-        x_img = images[idx].to(device)  # (b, 3, H, W)
+        if augmenter is not None:
+            x_img = augmenter.batch(idx, step)  # (b, 3, H, W) fresh draws, on device
+        else:
+            x_img = images[idx].to(device)  # (b, 3, H, W)
         if cache is not None:
             x = [c[idx].to(device) for c in cache]  # S x (b, C, h, w)
         else:
@@ -464,4 +474,83 @@ def train_end_to_end(
         show_progress=show_progress,
     )
     nets.eval()
+    return log
+
+
+def distill_streaming(
+    teacher: nn.Module,
+    n_images: int,
+    make_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    lr_decay_at: float | None = None,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    state: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+    callback: StepCallback | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Stage 1 (Eq. 16) on images and targets made per batch (random crops of a large set: generic teachers).
+
+    Unlike :func:`distill`, nothing is precomputed: ``make_batch(idx)`` turns the batch's image indices into
+    augmented images and their targets E, so every step can see new crops. ``make_batch`` must draw its
+    randomness from ``generator`` only: the generator's state is saved with the sampler's in every checkpoint,
+    so a resumed run draws the same crops as an uninterrupted one.
+
+    Args:
+        teacher: :class:`~mudenet_core.nets.pdn.DescriptorNet`, trained in place.
+        n_images: size of the image pool the batches index.
+        make_batch: image indices (b,) -> images (b, 3, H, W) and targets E (b, C, h1, w1), on ``device``.
+        steps: optimisation steps.
+        lr: Adam learning rate.
+        batch_size: images per step.
+        weight_decay: Adam weight decay.
+        lr_decay_at: fraction of ``steps`` after which the learning rate drops tenfold (None: constant).
+        generator: draws the batches (and, through ``make_batch``, the augmentations).
+        device: where to train.
+        state: loop state from a checkpoint, to resume.
+        checkpoint: called with the loop state every ``checkpoint_every`` steps and at the end.
+        checkpoint_every: steps between checkpoints (0: none).
+        callback: called as ``callback("distill", step, losses)`` after every step.
+        show_progress: progress bar with the loss and speed.
+
+    Returns:
+        log dict: ``step``, ``L_dist`` (per step), ``time_s``, ``steps_per_s``.
+    """
+    teacher.train().to(device)
+    opt = torch.optim.Adam(teacher.parameters(), lr=lr, weight_decay=weight_decay)
+    sampler = EpochSampler(n_images, batch_size, generator)
+
+    def step_fn(step: int) -> dict[str, float]:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, lr_decay_at)
+        x, e = make_batch(sampler.next())  # (b, 3, H, W), (b, C, h1, w1)
+        xs = teacher(x)  # S x (b, C, h, w)
+        if e.shape[-2:] != xs[0].shape[-2:]:
+            e = F.interpolate(e, size=xs[0].shape[-2:], mode="bilinear", align_corners=False)  # (b, C, h, w)
+        loss = losses.distillation_loss(xs, e)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"L_dist": loss.item()}
+
+    log = _run_loop(
+        "distill",
+        steps,
+        step_fn,
+        optimizer=opt,
+        sampler=sampler,
+        extra_samplers={},
+        state=state,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        callback=callback,
+        show_progress=show_progress,
+    )
+    teacher.eval()
     return log

@@ -296,6 +296,40 @@ def pro_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], *, max_fpr: fl
     return fig
 
 
+def pro_curve_figure(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], *, max_fpr: float = 0.3,
+                     title: str = "per-region overlap", size: float = 3.6) -> Figure:
+    """Like :func:`pro_curves`, from curves already computed by ``metrics.pro_curve`` (each computed once).
+
+    Args:
+        curves: name -> (fpr (K,), pro (K,)), the full curve from (0, 0) to (1, 1).
+        max_fpr: right end of the x axis and the AU-PRO integration limit (0.3 in the MVTec AD protocol).
+        title: axes title.
+        size: figure size in inches (square).
+
+    Returns:
+        Figure with one axes; the legend gives each AU-PRO (area up to ``max_fpr`` divided by ``max_fpr``).
+
+    Example:
+        >>> fig = pro_curve_figure({"m": (np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]))})
+        >>> fig.axes[0].get_legend().get_texts()[0].get_text()
+        'm (1.000)'
+    """
+    from mudenet_core import metrics
+
+    fig = Figure(figsize=(size, size), layout="constrained")
+    ax = fig.subplots()
+    for name, (fpr, pro) in curves.items():
+        fpr, pro = np.asarray(fpr, dtype=float), np.asarray(pro, dtype=float)
+        aupro = metrics.partial_auc(fpr, pro, max_fpr) / max_fpr
+        x, y = metrics.truncate_curve(fpr, pro, max_fpr)
+        ax.plot(x, y, lw=1.3, label=f"{name} ({aupro:.3f})")
+    ax.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, max_fpr), ylim=(0, 1.01),
+           title=title)
+    ax.legend(fontsize=7, loc="lower right", title=f"AU-PRO@{max_fpr:g}", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def score_histogram(labels: ArrayLike, scores: ArrayLike, *, threshold: float | None = None, bins: int = 30,
                     title: str = "image scores", size: tuple[float, float] = (4.2, 3.0)) -> Figure:
     """Histograms of the image scores of normal vs anomalous images (shared bins), optional threshold line.
@@ -394,6 +428,68 @@ def best_worst_cases(images: Images, maps: Images, labels: ArrayLike, scores: Ar
             ax.set_title(f"#{i}  score={s[i]:.3g}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(group, fontsize=8)
+    return fig
+
+
+def method_map_grid(images: Images, masks: Images | None, maps: Mapping[str, Images], *,
+                    ranges: Mapping[str, tuple[float, float]] | None = None,
+                    row_titles: Sequence[str] | None = None,
+                    cell_titles: Mapping[str, Sequence[str]] | None = None, alpha: float = 0.5,
+                    cmap: str = DEFAULT_CMAP, panel_size: float = 2.0) -> Figure:
+    """The same images under every method: a row per image; the image, then one overlay per method.
+
+    Args:
+        images: N images (N, 3, H, W) or a list of (3, H, W) / (H, W, 3), values in [0, 1].
+        masks: N ground-truth masks (H, W) in {0, 1} (outlined in red on the image, white on the overlays),
+            or None.
+        maps: method -> its N maps (N, H, W), in the order of ``images``.
+        ranges: method -> (vmin, vmax) colour range, e.g. :func:`map_range` of the method's whole test set, so
+            a method's colours mean the same in every row; default: the range of the N maps shown.
+        row_titles: one label per image (left of the row).
+        cell_titles: method -> N titles (e.g. the image score).
+        alpha: weight of the heat map in the overlay.
+        cmap: matplotlib colour map of the heat maps.
+        panel_size: inches per panel.
+
+    Returns:
+        Figure with ``N * (1 + len(maps))`` axes.
+
+    Example:
+        >>> fig = method_map_grid(np.zeros((2, 3, 8, 8)), np.zeros((2, 8, 8)),
+        ...                       {"a": np.ones((2, 8, 8)), "b": np.zeros((2, 8, 8))})
+        >>> len(fig.axes), fig.axes[1].get_title()
+        (6, 'a')
+    """
+    n = len(images)
+    assert n > 0, "no images to draw"
+    assert masks is None or len(masks) == n, f"got {n} images and {len(masks)} masks"
+    for name, m in maps.items():
+        assert len(m) == n, f"{name}: got {len(m)} maps for {n} images"
+    names = list(maps)
+    fig = Figure(figsize=((1 + len(names)) * panel_size, n * panel_size), layout="constrained")
+    axes = fig.subplots(n, 1 + len(names), squeeze=False)
+    for i in range(n):
+        img = to_hwc(images[i])
+        mask = None if masks is None else to_hw(masks[i])
+        axes[i, 0].imshow(img)
+        if mask is not None and mask.max() > 0:
+            axes[i, 0].contour(mask, levels=[0.5], colors="red", linewidths=0.8)
+        for j, name in enumerate(names, start=1):
+            lo, hi = ranges[name] if ranges and name in ranges else map_range(np.stack(
+                [to_hw(x) for x in maps[name]]), q=1.0)
+            axes[i, j].imshow(overlay(img, maps[name][i], alpha=alpha, vmin=lo, vmax=hi, cmap=cmap))
+            if mask is not None and mask.max() > 0:
+                axes[i, j].contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+            label = name if i == 0 else ""
+            if cell_titles and name in cell_titles:
+                label = f"{label}\n{cell_titles[name][i]}" if label else str(cell_titles[name][i])
+            axes[i, j].set_title(label, fontsize=7)
+        for ax in axes[i]:
+            _off(ax)
+        if i == 0:
+            axes[i, 0].set_title("image + ground truth", fontsize=7)
+        if row_titles is not None:
+            axes[i, 0].set_ylabel(str(row_titles[i]), fontsize=7)
     return fig
 
 

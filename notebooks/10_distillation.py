@@ -36,6 +36,7 @@ PROFILE: str = "cpu"  # method configs: configs/<method>/<profile>.yaml (smoke |
 DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 OVERRIDES: dict = {}  # per-method config overrides: method name -> list of override strings (run_all.py --set)
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
+DATA_OVERRIDES: dict = {}  # DataConfig overrides, e.g. {"val_fraction": 0.2} (run_all.py --set data.KEY=VALUE)
 
 # %% tags=["hide_input"]
 import pandas as pd
@@ -45,7 +46,7 @@ from mudenet_core import experiment, io, viz
 
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
-splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE)
+splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE, DATA_OVERRIDES)
 cfg = experiment.method_config("mudenet", PROFILE, image_size=IMAGE_SIZE,
                                 overrides=OVERRIDES.get("mudenet"))
 print(cfg.distill)

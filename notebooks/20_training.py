@@ -17,11 +17,14 @@
 #
 # **Purpose:** train the structural student S1, the autoencoder A and the logical student S2 end to end
 # (Eqs. 3, 5, 7, 8) on top of the distilled teacher, then calibrate the map normalisation on the validation
-# split. Loss curves per term; raw maps of test images recorded during training and the final anomaly maps.
+# split. Then the validation set (held-out normal images plus synthetic anomalies made on them) is scored:
+# its metrics and the decision threshold come from it, never from the test split. Loss curves per term; raw
+# maps of test images recorded during training and the final anomaly maps.
 #
 # **Inputs:** `checkpoints/mudenet/last.pt` from `10_distillation` (same `OUT_DIR`), the training split.
 #
 # **Outputs (under `OUT_DIR`):** `checkpoints/mudenet/model.pt`, `checkpoints/mudenet/fit_log.json`,
+# `checkpoints/mudenet/threshold.json`, `eval/mudenet/val/*`,
 # `checkpoints/mudenet/snapshots.npz`, `figures/20_loss_curves.png`, `figures/20_maps_during_training.png`,
 # `figures/20_maps_after_training.png`.
 
@@ -37,6 +40,8 @@ PROFILE: str = "cpu"  # method configs: configs/<method>/<profile>.yaml (smoke |
 DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 OVERRIDES: dict = {}  # per-method config overrides: method name -> list of override strings (run_all.py --set)
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
+DATA_OVERRIDES: dict = {}  # DataConfig overrides, e.g. {"val_fraction": 0.2} (run_all.py --set data.KEY=VALUE)
+TEXTURE_DIR: str = ""  # texture images for the synthetic validation anomalies (e.g. DTD images/); "" = self-textures
 
 # %% tags=["hide_input"]
 import numpy as np
@@ -48,7 +53,8 @@ from mudenet_core.mudenet import MuDeNet
 
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
-splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE)
+splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE, DATA_OVERRIDES)
+val_set = experiment.build_validation(splits, TEXTURE_DIR)
 cfg = experiment.method_config("mudenet", PROFILE, image_size=IMAGE_SIZE,
                                 overrides=OVERRIDES.get("mudenet"))
 print(cfg.train)
@@ -64,10 +70,12 @@ steps_total = train.steps_for(len(splits.train), cfg.train.batch_size, cfg.train
 det = MuDeNet(cfg)
 snapshots = experiment.MapSnapshots(det, examples["image"], every=max(1, steps_total // 6))
 det, info = experiment.fit_or_load("mudenet", cfg, splits, run, generator=generator, device=device,
-                                   reuse=REUSE, resume=True, callback=snapshots, detector=det)
+                                   reuse=REUSE, resume=True, callback=snapshots, detector=det, val_set=val_set)
 if not info["loaded"]:
     snapshots.save(snap_path)
-print(f"fit: {info.get('fit_s', float('nan')):.1f} s (loaded: {info['loaded']})")
+print(f"fit: {info.get('fit_s', float('nan')):.1f} s, stages {info.get('stages_s')} (loaded: {info['loaded']})")
+print(f"validation ({len(val_set)} images): " + ", ".join(f"{k} {v:.3f}" for k, v in info["validation"].items())
+      + f"; threshold {info['threshold']:.4g}")
 
 # %%
 fig = viz.loss_curves(experiment.log_frame(info["log"]["train"]), smooth=1 if SMOKE else 10)

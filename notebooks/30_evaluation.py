@@ -15,9 +15,11 @@
 # %% [markdown]
 # # 30 · Evaluation of MuDeNet
 #
-# **Purpose:** score the test split with the trained MuDeNet and compute the harness metrics (image AUROC,
-# image AUPR, pixel AUROC, AU-PRO up to FPR 0.3, F1-max); ROC and PRO curves, score histograms of normal vs
-# anomalous images, and the best and worst cases with overlays.
+# **Purpose:** score the test split with the trained MuDeNet (once, for the final report) and compute the
+# harness metrics (image AUROC, image AUPR, pixel AUROC, AU-PRO up to FPR 0.3, F1-max as the oracle) beside
+# the validation metrics recorded at fit time, and the accuracy / precision / recall / F1 at the threshold
+# chosen on validation (what a deployment gets); ROC and PRO curves, score histograms of normal vs anomalous
+# images, and the best and worst cases with overlays.
 #
 # **Inputs:** `checkpoints/mudenet/model.pt` from `20_training` (same `OUT_DIR`), the test split.
 #
@@ -36,6 +38,7 @@ IMAGE_SIZE: int = 128  # square input size in pixels (a multiple of 32 for MuDeN
 PROFILE: str = "cpu"  # method configs: configs/<method>/<profile>.yaml (smoke | cpu | paper)
 DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
+DATA_OVERRIDES: dict = {}  # DataConfig overrides, e.g. {"val_fraction": 0.2} (run_all.py --set data.KEY=VALUE)
 
 # %% tags=["hide_input"]
 from IPython.display import display
@@ -45,7 +48,7 @@ from mudenet_core.data import denormalize
 
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
-splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE)
+splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE, DATA_OVERRIDES)
 det, info = experiment.load_fitted("mudenet", run, device=device)
 
 # %% [markdown]
@@ -54,7 +57,7 @@ det, info = experiment.load_fitted("mudenet", run, device=device)
 # %%
 result, tidy = experiment.evaluate_method(det, "mudenet", splits, run, device=device, config=det.config,
                                           fit_info=info)
-display(tidy[["metric", "value"]].set_index("metric").T)
+display(tidy.pivot_table(index="split", columns="metric", values="value"))
 per_defect = experiment.per_defect_auroc(result.scores)
 io.save_csv(run.table("per_defect_mudenet.csv"), per_defect)
 display(per_defect)
@@ -72,10 +75,10 @@ if result.masks.any():  # PRO needs anomalous pixels
 
 # %% [markdown]
 # ## Image scores: normal vs anomalous
-# The dashed line is the F1-optimal threshold.
+# The dashed line is the decision threshold chosen on the validation set (`threshold.json`).
 
 # %%
-fig = viz.score_histogram(labels, scores, threshold=result.metrics.get("f1_threshold"))
+fig = viz.score_histogram(labels, scores, threshold=info.get("threshold"))
 display(experiment.show_figure(fig, run.figure("30_score_histogram.png")))
 
 # %% [markdown]

@@ -23,6 +23,7 @@
 # `30_evaluation` when present (for the joint ROC plot).
 #
 # **Outputs (under `OUT_DIR`):** per method `checkpoints/<method>/model.pt`, `eval/<method>/*`,
+# `eval/<method>/val/*`, `checkpoints/<method>/threshold.json`,
 # `tables/metrics_<method>.csv`, `tables/timings_<method>.csv`; `figures/40_roc_all.png`.
 
 # %% tags=["parameters"]
@@ -37,7 +38,9 @@ PROFILE: str = "cpu"  # method configs: configs/<method>/<profile>.yaml (smoke |
 DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 OVERRIDES: dict = {}  # per-method config overrides: method name -> list of override strings (run_all.py --set)
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
+DATA_OVERRIDES: dict = {}  # DataConfig overrides, e.g. {"val_fraction": 0.2} (run_all.py --set data.KEY=VALUE)
 METHODS: list = ["padim", "patchcore", "ae", "us"]  # baselines to run (registry names; unavailable ones are skipped)
+TEXTURE_DIR: str = ""  # texture images for the synthetic validation anomalies (e.g. DTD images/); "" = self-textures
 
 # %% tags=["hide_input"]
 import pandas as pd
@@ -47,25 +50,29 @@ from mudenet_core import experiment, methods, viz
 
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
-splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE)
+splits = experiment.build_splits(run, DATA_ROOT, IMAGE_SIZE, DATA_OVERRIDES)
+val_set = experiment.build_validation(splits, TEXTURE_DIR)
 available = methods.available_methods()
 todo = [m for m in METHODS if m in available and m != "mudenet"]
 print("running:", todo, "| not available:", [m for m in METHODS if m not in available])
 
 # %% [markdown]
 # ## Fit and evaluate
-# Each baseline trains on `train/good`, calibrates on the validation split and is scored on the test split by
-# the same harness (`mudenet_core.harness.evaluate`).
+# Each baseline trains on `train/good`, calibrates on the validation split, chooses its threshold on the
+# synthetic-anomaly validation set, and is scored once on the test split by the same harness
+# (`mudenet_core.harness.evaluate`).
 
 # %%
 tables, curves = [], {}
 for method in todo:
     cfg = experiment.method_config(method, PROFILE, image_size=IMAGE_SIZE, overrides=OVERRIDES.get(method))
-    det, info = experiment.fit_or_load(method, cfg, splits, run, generator=generator, device=device, reuse=REUSE)
+    det, info = experiment.fit_or_load(method, cfg, splits, run, generator=generator, device=device, reuse=REUSE,
+                                       val_set=val_set)
     result, tidy = experiment.evaluate_method(det, method, splits, run, device=device, config=cfg, fit_info=info)
     tables.append(tidy)
     curves[method] = (result.scores["label"].to_numpy(), result.scores["score"].to_numpy())
-    print(f"{method}: fit {info.get('fit_s', float('nan')):.1f} s, image AUROC {result.metrics['image_auroc']:.3f}")
+    print(f"{method}: fit {info.get('fit_s', float('nan')):.1f} s, image AUROC val {info['validation']['image_auroc']:.3f}"
+          f" / test {result.metrics['image_auroc']:.3f}")
 
 # %%
 mudenet_scores = run.eval_dir("mudenet") / "scores.csv"

@@ -13,40 +13,64 @@
 # ---
 
 # %% [markdown]
-# # 90 · Report: tables and figures
+# # 90 · Report: tables, figures and one page per category
 #
-# **Purpose:** the paper-style tables and figures of this profile, built only from the tidy CSVs the earlier
-# notebooks wrote (never from checkpoints or models): per-category metrics per dataset and method (mean ± std
-# over seeds, the Mean row computed here), paper vs ours, ablations and timings.
+# **Purpose:** the paper-style tables and figures of this profile, built only from what the earlier notebooks
+# wrote (tidy CSVs, per-image scores and maps; never checkpoints or models): per dataset the headline table with
+# validation metrics beside test metrics (mean ± std over seeds), fit time and images/s; the deployment metrics at
+# the validation threshold beside the oracle F1-max; per-category tables; paper vs ours; ablations and timings;
+# and one page per (dataset, category) with every method side by side, ROC and PRO curves and the hardest images.
 #
-# **Inputs:** `runs/<dataset>/<category>/seed<k>/tables/{metrics_*, timings_*, ablations}.csv` under `OUT_DIR`.
+# **Inputs (under `OUT_DIR`):** `runs/<dataset>/<category>/seed<k>/tables/{metrics_*, timings_*, ablations}.csv`,
+# `runs/.../eval/<method>/{scores.csv, maps.npy, metrics.json, val/scores.csv}`, `runs/.../splits/*.csv`.
 #
 # **Outputs (under `OUT_DIR`):** `tables/<dataset>.csv`, `tables/ablations.csv`, `tables/timings.csv` (tidy),
-# `tables/*.md` (rendered), `figures/<dataset>_methods.png`, `figures/ablations.png`, `figures/timings.png`.
+# `tables/*.md` (rendered), `figures/<dataset>_methods.png`, `figures/ablations.png`, `figures/timings.png`,
+# `categories/<dataset>/<category>/index.html` (+ PNGs), linked from `index.html`.
 
 # %% tags=["parameters"]
 SMOKE: bool = False  # tiny run for CI (no effect here beyond the record)
-OUT_DIR: str = "results/cpu"  # the profile folder holding runs/ (tables/ and figures/ are written here)
+OUT_DIR: str = "results/cpu"  # the profile folder holding runs/ (tables/, figures/, categories/ are written here)
 SEED: int = 0  # unused: tables aggregate every seed found
 PROFILE: str = "cpu"  # profile name, for the titles
+K_HARDEST: int = 3  # hardest normal and hardest anomalous test images shown on each category page
 
 # %% tags=["hide_input"]
 from pathlib import Path
 
-from IPython.display import Markdown, display
+from IPython.display import HTML, Markdown, display
 
-from mudenet_core import report
+from mudenet_core import category_report, report
 
 # %% tags=["hide_input"]
 out = Path(OUT_DIR)
 written = report.build_tables(out)
-rendered = report.write_rendered_tables(out)
+rendered = report.write_rendered_tables(out, profile=PROFILE)
 metrics = report.load_metric_tables(out)
+timings = report.load_timings(out)
 print("tables:", ", ".join(sorted(written)))
 
 # %% [markdown]
-# ## Per-category results
-# Cells: mean ± sample std over seeds (std omitted with a single seed), in percent.
+# ## Headline: validation beside test
+# Mean over categories (per seed, then mean ± sample std over seeds; std omitted with a single seed), in
+# percent. *val*: held-out normal training images plus synthetic anomalies (what model selection and the
+# threshold may use); *test*: the test split, read once. Fit time in seconds and throughput in images/s on this
+# machine. The deployment table gives the test metrics at the threshold calibrated on val (what a deployment
+# gets) beside F1-max, the oracle that picks the best threshold on test.
+
+# %%
+for ds in sorted(metrics["dataset"].unique()):
+    display(Markdown(f"**{ds}** — summary"), report.headline_table(metrics, timings, dataset=ds))
+    deployment = report.deployment_table(metrics, dataset=ds)
+    if not deployment.empty:
+        display(Markdown(f"**{ds}** — deployment (test, at the val threshold) vs oracle F1-max"), deployment)
+    mean, std = report.method_summary(metrics, ds)
+    if not mean.empty:
+        fig = report.bar_figure(mean, xerr=std, title=f"{ds} ({PROFILE}): test, mean over categories", xlim=(0, 1))
+        display(report.show_figure(fig, out / "figures" / f"{ds}_methods.png"))
+
+# %% [markdown]
+# ## Per-category results (test)
 
 # %%
 for ds in sorted(metrics["dataset"].unique()):
@@ -54,28 +78,40 @@ for ds in sorted(metrics["dataset"].unique()):
         table = report.category_table(metrics, metric, dataset=ds)
         if not table.empty:
             display(Markdown(f"**{ds} — {metric}**"), table)
-    mean, std = report.method_summary(metrics, ds)
-    fig = report.bar_figure(mean, xerr=std, title=f"{ds} ({PROFILE}): mean over categories", xlim=(0, 1))
-    display(report.show_figure(fig, out / "figures" / f"{ds}_methods.png"))
+
+# %% [markdown]
+# ## One page per category
+# Every method side by side (val and test), ROC and PRO curves of all methods, and the hardest test images
+# with every method's map; written without code and linked from the profile's `index.html`.
+
+# %%
+pages = category_report.write_category_pages(out, k_normal=K_HARDEST, k_anomalous=K_HARDEST, profile=PROFILE)
+display(HTML("<ul>" + "".join(f"<li><code>{p.relative_to(out)}</code></li>" for p in pages) + "</ul>"))
 
 # %% [markdown]
 # ## Paper vs ours
-# Ours: mean over the categories run here. Paper: published means where a source is known (see `source`).
+# Each published number beside our test result of the same method with a matching config (named per row);
+# rows that compare nothing are not shown, and the sentence below the table lists what is published but not run.
 
 # %%
-report.paper_vs_ours(metrics).round(1)
+table, not_run = report.render_paper_vs_ours(
+    report.paper_vs_ours(metrics, report.run_configs(out), profile=PROFILE))
+display(table if not table.empty else Markdown("_No result of ours matches a published config._"))
+if not_run:
+    display(Markdown(not_run))
 
 # %% [markdown]
-# ## Ablations (MuDeNet, re-scored; mean over categories)
+# ## Ablations (MuDeNet, re-scored; test, mean over categories)
 
 # %%
 if "ablations" in written:
     abl = report.read_tidy([written["ablations"]], columns=report.ABLATION_COLUMNS)
     display(report.ablation_table(abl, "image_auroc"), report.ablation_table(abl, "pixel_auroc"))
-    wide = report.mean_over_categories(abl, by=("ablation", "variant", "metric")).pivot_table(
+    abl_test = abl[abl["split"] == "test"]
+    wide = report.mean_over_categories(abl_test, by=("ablation", "variant", "metric")).pivot_table(
         index=["ablation", "variant"], columns="metric", values="mean", sort=False)
     shown = [m for m in report.HEADLINE_METRICS if m in wide.columns]
-    fig = report.bar_figure(wide[shown], title=f"ablations ({PROFILE})", xlim=(0, 1))
+    fig = report.bar_figure(wide[shown], title=f"ablations ({PROFILE}, test)", xlim=(0, 1))
     display(report.show_figure(fig, out / "figures" / "ablations.png"))
 
 # %% [markdown]
@@ -84,9 +120,9 @@ if "ablations" in written:
 
 # %%
 if "timings" in written:
-    tim = report.read_tidy([written["timings"]])
-    summary = report.mean_over_categories(tim).pivot_table(index="method", columns="metric", values="mean")
-    display(summary.round(2))
+    display(report.timings_table(timings))
+    summary = report.mean_over_categories(timings, by=("method", "metric")).pivot_table(
+        index="method", columns="metric", values="mean")
     if "fit_s" in summary.columns:
         fig = report.bar_figure(summary[["fit_s"]], title=f"fit time in seconds ({PROFILE})")
         display(report.show_figure(fig, out / "figures" / "timings.png"))

@@ -234,6 +234,8 @@ class PaDiM:
         100
     """
 
+    TRAINING_FREE = True  # fitted on un-augmented training images, as in the paper
+
     def __init__(self, config: PaDiMConfig | None = None):
         self.config = config or PaDiMConfig()
         self._model: PaDiMModel | None = None

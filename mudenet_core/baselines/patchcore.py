@@ -319,6 +319,8 @@ class PatchCore:
         0.25
     """
 
+    TRAINING_FREE = True  # fitted on un-augmented training images, as in the paper
+
     def __init__(self, config: PatchCoreConfig | None = None):
         self.config = config or PatchCoreConfig()
         self._model: PatchCoreModel | None = None

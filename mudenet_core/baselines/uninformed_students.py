@@ -229,6 +229,50 @@ def describe(net: PatchDescriptorNet, images: torch.Tensor, mode: str) -> torch.
     return run_net(net, pad_image(images, net.extent), mode)
 
 
+def grid_to_image(maps: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear interpolation of maps on a network's output grid to image pixels.
+
+    Output (i, j) of :func:`describe` is centred on pixel (stride i, stride j) (to within half a pixel for the
+    even extents 32 and 60), so pixel (y, x) reads the grid at (y / stride, x / stride); pixels past the last
+    grid row or column take its value. ``F.interpolate(..., align_corners=False)``, used before, puts grid
+    cell i at pixel stride i + (stride - 1) / 2 instead: every strided map was shifted by 1.5 px (p = 33) and
+    3.5 px (p = 65) down and to the right.
+
+    Args:
+        maps: (B, C, h, w) with h = ceil(H / stride), w = ceil(W / stride).
+        stride: the grid's stride in pixels (1: the dense grid, returned unchanged).
+        size: (H, W).
+
+    Returns:
+        (B, C, H, W).
+
+    Example:
+        >>> m = torch.zeros(1, 1, 4, 4); m[0, 0, 1, 2] = 1.0
+        >>> up = grid_to_image(m, 8, (32, 32))
+        >>> divmod(int(up.flatten().argmax()), 32), float(up[0, 0, 12, 16])
+        ((8, 16), 0.5)
+    """
+    assert maps.ndim == 4, f"expected (B, C, h, w), got {tuple(maps.shape)}"
+    size = (int(size[0]), int(size[1]))
+    grid = tuple(-(-n // stride) for n in size)
+    assert tuple(maps.shape[-2:]) == grid, f"a stride-{stride} grid of {size} is {grid}, got {tuple(maps.shape)}"
+    if stride == 1:
+        return maps
+
+    def weights(n_grid: int, n_pix: int) -> torch.Tensor:  # (n_pix, n_grid) interpolation matrix
+        pos = (torch.arange(n_pix, dtype=torch.float64) / stride).clamp(max=n_grid - 1)  # grid coordinate
+        i0 = pos.floor().long()
+        i1 = (i0 + 1).clamp(max=n_grid - 1)
+        frac = pos - i0
+        a = torch.zeros(n_pix, n_grid, dtype=torch.float64)
+        rows = torch.arange(n_pix)
+        a.index_put_((rows, i0), 1 - frac, accumulate=True)
+        a.index_put_((rows, i1), frac, accumulate=True)
+        return a.to(maps)
+
+    return torch.einsum("yh,bchw,xw->bcyx", weights(grid[0], size[0]), maps, weights(grid[1], size[1]))
+
+
 class ScaleModel(nn.Module):
     """One scale: teacher, M students and the statistics that normalise its descriptors and scores.
 
@@ -536,26 +580,44 @@ def descriptor_stats(
     return mean.float(), std.float()
 
 
-def _random_window(
+def random_window(
     padded: torch.Tensor, crop: int, extent: int, stride: int, g: torch.Generator
-) -> torch.Tensor:
-    """A random window of a padded batch whose valid output is ``crop`` x ``crop`` image pixels.
+) -> tuple[torch.Tensor, int]:
+    """A random training window of a padded batch that covers every output position equally often.
+
+    The window is ``n = ceil(crop / stride)`` outputs square, its top-left output drawn uniformly from
+    ``-(n - 1) .. n_out - 1`` (``n_out = ceil(H / stride)`` outputs per side) and then intersected with the
+    image. Every output position therefore lies in exactly ``n`` of the ``n_out + n - 1`` offsets per axis, the
+    same for border and centre pixels. (Drawing only windows that fit inside the image, as before, trained the
+    outputs at the image border up to 1 / n as often as the centre ones: 1/48 for p = 17, 48 px crops, so the
+    students never learnt the periphery and the maps lit up there.) Offsets are multiples of ``stride``, so a
+    strided network's outputs on the window are exactly its outputs on the whole image there.
 
     Args:
         padded: (B, 3, H + extent - 1, W + extent - 1) from :func:`pad_image`.
-        crop: output side in image pixels (clipped to the image).
+        crop: nominal window side in image pixels (> 0).
         extent: the network's extent.
-        stride: offsets are multiples of this (the strided network's output grid).
+        stride: the network's output stride (1 for the dilated mode).
         g: RNG.
 
     Returns:
-        (B, 3, crop + extent - 1, crop + extent - 1).
+        the window (B, 3, s (h' - 1) + extent, s (w' - 1) + extent), whose output is h' x w' (<= n x n), and
+        ``n * n``, the nominal output count to divide the summed loss by (so that every output position gets
+        the same expected weight, whatever the size of the clipped window it falls in).
     """
-    h, w = padded.shape[-2] - extent + 1, padded.shape[-1] - extent + 1
-    ch, cw = min(crop, h), min(crop, w)
-    oy = stride * int(torch.randint(0, (h - ch) // stride + 1, (1,), generator=g))
-    ox = stride * int(torch.randint(0, (w - cw) // stride + 1, (1,), generator=g))
-    return padded[..., oy : oy + ch + extent - 1, ox : ox + cw + extent - 1]
+    assert crop > 0, f"crop must be > 0, got {crop}"
+    n_out = [-(-(d - extent + 1) // stride) for d in padded.shape[-2:]]  # outputs per side: ceil(H / s)
+    n = -(-crop // stride)
+    sl = []
+    for size in n_out:
+        if n >= size:  # the window spans this axis: take all of it
+            r0, r1 = 0, size
+        else:
+            r0 = int(torch.randint(-(n - 1), size, (1,), generator=g))  # first output row (may be < 0)
+            r1 = min(r0 + n, size)  # one past the last output row
+            r0 = max(r0, 0)
+        sl.append(slice(stride * r0, stride * (r1 - 1) + extent))  # padded rows feeding outputs r0 .. r1 - 1
+    return padded[..., sl[0], sl[1]], min(n, n_out[0]) * min(n, n_out[1])
 
 
 def train_students(
@@ -595,12 +657,14 @@ def train_students(
             for batch in loader:
                 x = batch["image"].to(device)  # (B, 3, H, W)
                 xp = pad_image(x, scale.teacher.extent)  # (B, 3, H + e - 1, W + e - 1)
+                n_nominal = None  # whole images: the plain mean over outputs
                 if cfg.student_crop > 0:  # random window; offsets on the stride grid keep outputs aligned
-                    xp = _random_window(xp, cfg.student_crop, scale.teacher.extent, stride, g)
+                    xp, n_nominal = random_window(xp, cfg.student_crop, scale.teacher.extent, stride, g)
                 with torch.no_grad():
                     y = scale.normalise(run_net(scale.teacher, xp, scale.dense_mode))  # (B, d, h, w)
                 for student, opt in zip(scale.students, opts, strict=True):
-                    loss = (run_net(student, xp, scale.dense_mode) - y).pow(2).sum(1).mean()
+                    err = (run_net(student, xp, scale.dense_mode) - y).pow(2).sum(1)  # (B, h', w')
+                    loss = err.mean() if n_nominal is None else err.sum((1, 2)).mean() / n_nominal
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -785,9 +849,8 @@ class UninformedStudents:
         size = x.shape[-2:]
         total = None
         for scale in self.scales:
-            m = scale(x)  # (B, 1, h, w)
-            if m.shape[-2:] != size:
-                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+            stride = scale.teacher.stride if scale.dense_mode == "strided" else 1
+            m = grid_to_image(scale(x), stride, size)  # (B, 1, h, w) -> (B, 1, H, W)
             total = m if total is None else total + m
         amap = gaussian_blur(total / len(self.scales), self.config.map_sigma)  # (B, 1, H, W)
         return amap, amap.flatten(1).amax(1)

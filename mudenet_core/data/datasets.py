@@ -6,8 +6,11 @@ Every dataset is an :class:`AnomalyDataset` over a resolved, sorted index (a pan
     {"image": (3, H, W) float (ImageNet-normalised), "label": 0 | 1, "mask": (1, H, W) float in {0, 1},
      "path": str, "category": str, "defect_type": str ("good" for normal images)}
 
-:func:`make_splits` builds train (augmented), val (carved from ``train/good`` with a seed; MVTec LOCO uses
-``validation/good``) and test, and can save the resolved index as CSV with the run.
+:func:`make_splits` builds train, val (carved from ``train/good`` with a seed; MVTec LOCO uses
+``validation/good``) and test, and can save the resolved index as CSV with the run. Only train is ever
+augmented, and only when asked (``DataConfig.augment_policy="table"`` or an explicit ``augment``): the default
+is one recipe for every category, no augmentation. Training-free methods fit on
+:attr:`Splits.train_unaugmented`.
 
 Example:
     >>> import tempfile
@@ -24,8 +27,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +43,7 @@ from mudenet_core.data.transforms import (
     AugmentConfig,
     augment,
     augment_for,
+    derive_seed,
     normalize,
     resize_image,
     resize_mask,
@@ -70,7 +74,10 @@ class DataConfig(ConfigBase):
     normalize: bool = True  # ImageNet mean/std normalisation of "image"
     val_fraction: float = 0.1  # fraction of train/good held out for validation (ignored by mvtec_loco)
     split_seed: int = 0  # seed of the train/val (and folder test) split
-    augment: AugmentConfig | None = None  # None: per-category table configs/augment/<dataset>.yaml
+    # "none": no training augmentation, the same for every category (our protocol's default); "table": the
+    # opt-in per-category table configs/augment/<dataset>.yaml (our choices, not the paper's)
+    augment_policy: Literal["none", "table"] = "none"
+    augment: AugmentConfig | None = None  # explicit training augmentation for this run; wins over the policy
     validate: bool = True  # check every file's header (decodable, mask size == image size) when indexing
     folder_normal_dir: str = "good"  # folder dataset: normal images (relative to root, or absolute)
     folder_anomaly_dir: str = ""  # folder dataset: anomalous test images ("" = none)
@@ -91,8 +98,19 @@ class DataConfig(ConfigBase):
                 f"DataConfig.folder_test_fraction must be in [0, 1), got {self.folder_test_fraction}")
 
     def resolved_augment(self) -> AugmentConfig:
-        """``augment`` if set, else the category's entry in ``configs/augment/<dataset>.yaml``."""
-        return self.augment if self.augment is not None else augment_for(self.dataset, self.category)
+        """``augment`` if set; else none (policy "none") or the category's table entry (policy "table").
+
+        Example:
+            >>> DataConfig(category="weave").resolved_augment().is_identity
+            True
+            >>> DataConfig(category="weave", augment_policy="table").resolved_augment().hflip
+            True
+        """
+        if self.augment is not None:
+            return self.augment
+        if self.augment_policy == "table":
+            return augment_for(self.dataset, self.category)
+        return AugmentConfig()
 
 
 # ------------------------------------------------------------------------------------------- index builders
@@ -364,6 +382,9 @@ class AnomalyDataset(Dataset):
             ``__getitem__`` then uses its own generator seeded from (that seed, epoch, item, times fetched),
             so the augmentations are deterministic whatever the batch order, and differ between epochs.
             With ``num_workers > 0`` call :meth:`set_epoch` every epoch (workers do not share fetch counts).
+
+    ``augment`` is the (non-identity) augmentation or None; :meth:`without_augment` gives the same images
+    un-augmented (training-free methods, and methods that augment on the fly such as MuDeNet).
     """
 
     def __init__(self, index: pd.DataFrame, *, image_size: int, normalize: bool = True,
@@ -389,10 +410,23 @@ class AnomalyDataset(Dataset):
         self._epoch = int(epoch)
         self._fetches[:] = 0
 
+    def without_augment(self, *, normalize: bool | None = None) -> AnomalyDataset:
+        """A copy of this dataset (same index and size) with augmentation off.
+
+        Args:
+            normalize: ImageNet-normalise the copy's images (None: as this dataset does; False gives images in
+                [0, 1], the base images of :class:`~mudenet_core.data.transforms.BatchAugmenter`).
+        """
+        out = copy.copy(self)
+        out.augment = None
+        out.normalize = self.normalize if normalize is None else bool(normalize)
+        out._fetches = np.zeros(len(self.index), dtype=np.int64)
+        return out
+
     def _item_generator(self, i: int) -> torch.Generator:
-        key = f"{self._base_seed}-{self._epoch}-{i}-{self._fetches[i]}".encode()
+        seed = derive_seed(self._base_seed, self._epoch, i, self._fetches[i])
         self._fetches[i] += 1
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        return torch.Generator().manual_seed(seed)
 
     def load_mask(self, i: int, size: tuple[int, int]) -> torch.Tensor:
         """The ground-truth mask of item ``i`` at its original size: (1, H0, W0) float in {0, 1}."""
@@ -542,6 +576,14 @@ class Splits:
         """Write the resolved index as CSV (atomically)."""
         return save_csv(path, self.index)
 
+    @property
+    def train_unaugmented(self) -> AnomalyDataset:
+        """The training images without augmentation, loaded as val and test are.
+
+        Training-free methods (PaDiM, PatchCore) fit on this, whatever the training augmentation.
+        """
+        return self.train.without_augment()
+
 
 def build_index(cfg: DataConfig) -> pd.DataFrame:
     """The resolved index of ``cfg``: ``split`` in {"train", "val", "test"}, val drawn by ``split_seed``."""
@@ -568,7 +610,7 @@ def build_index(cfg: DataConfig) -> pd.DataFrame:
 
 def make_splits(cfg: DataConfig, *, save_split_to: str | Path | None = None,
                 generator: torch.Generator | None = None) -> Splits:
-    """Build the train (augmented), val and test datasets of one category.
+    """Build the train (augmented if ``cfg`` asks), val and test datasets of one category.
 
     Args:
         cfg: the data config.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -90,22 +91,70 @@ def test_shape_header_imports_and_no_definitions(path):
                 f"{path.name}: notebooks call the package; "
                 f"move {getattr(node, 'name', 'lambda')} into mudenet_core"
             )
-    assert not any(c.get("outputs") for c in code_cells(nb))
+    # (outputs: jupytext percent scripts cannot hold any; test_no_committed_notebook_has_outputs checks git)
+
+
+# Text that only an executed notebook carries: nbformat output fields, IPython prompts, tracebacks.
+OUTPUT_MARKERS = ('"outputs":', '"output_type"', '"execution_count": 1', "Out[",
+                  "Traceback (most recent call last)")
+
+
+def notebook_output_problems(repo: Path) -> list[str]:
+    """Why the committed notebooks of ``repo`` are not output-free (``[]`` when they are).
+
+    The percent scripts are the source and ``.ipynb`` are generated, so any ``.ipynb`` that git tracks is a
+    problem (its outputs, if any, are named); so is a tracked percent script with an output marker.
+    """
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True, check=True,
+                             timeout=30).stdout.split("\0")
+    problems = []
+    for rel in (p for p in tracked if p.endswith(".ipynb")):
+        cells = json.loads((repo / rel).read_text()).get("cells", [])
+        n_out = sum(1 for c in cells if c.get("outputs") or c.get("execution_count") is not None)
+        problems.append(f"{rel}: .ipynb tracked by git (the percent script is the source)"
+                        + (f"; {n_out} cell(s) with outputs or execution counts" if n_out else ""))
+    for rel in (p for p in tracked if p.startswith("notebooks/") and p.endswith(".py")):
+        text = (repo / rel).read_text()
+        for marker in OUTPUT_MARKERS:
+            if marker in text:
+                problems.append(f"{rel}: contains the output marker {marker!r}")
+    return problems
 
 
 def test_no_committed_notebook_has_outputs():
-    """Any .ipynb that git tracks must be output-stripped (the percent scripts are the source)."""
-    try:
-        tracked = subprocess.run(
-            ["git", "ls-files", "*.ipynb"], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
+    """No .ipynb is tracked at all, and no percent script carries pasted outputs."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert notebook_output_problems(REPO) == []
+
+
+def test_output_check_fails_on_a_tracked_notebook_with_outputs(tmp_path):
+    """The check above can fail: a temporary repository with a tracked, executed notebook."""
+    if shutil.which("git") is None:
         pytest.skip("git not available")
-    for rel in tracked:
-        nb = json.loads((REPO / rel).read_text())
-        for cell in nb.get("cells", []):
-            assert not cell.get("outputs"), f"{rel}: committed notebook has outputs (run nbstripout)"
-            assert cell.get("execution_count") is None, f"{rel}: committed notebook has execution counts"
+    import nbformat
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "00_x.py").write_text("# %%\nx = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "clean"], cwd=tmp_path, check=True)
+    assert notebook_output_problems(tmp_path) == []
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("1 + 1", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=1)]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "notebooks" / "00_x.ipynb")
+    (tmp_path / ".gitignore").write_text("*.ipynb\n")  # ignored, yet force-added: still tracked
+    subprocess.run(["git", "add", "-f", "notebooks/00_x.ipynb"], cwd=tmp_path, check=True)
+    (tmp_path / "notebooks" / "00_x.py").write_text("# %%\nx = 1\n# Out[1]: 2\n")
+    subprocess.run(["git", "add", "notebooks/00_x.py"], cwd=tmp_path, check=True)
+    problems = notebook_output_problems(tmp_path)
+    assert len(problems) == 2, problems
+    assert "notebooks/00_x.ipynb: .ipynb tracked by git" in problems[0]
+    assert "1 cell(s) with outputs" in problems[0]
+    assert "notebooks/00_x.py: contains the output marker 'Out['" in problems[1]
 
 
 def test_jupytext_pairing_config():

@@ -101,10 +101,11 @@ def test_bad_arguments_are_clear(run_all, tmp_path):
 def test_set_overrides_reach_the_notebooks(run_all, tmp_path):
     parse = run_all.build_parser().parse_args
     args = parse(["--data-root", str(tmp_path), "--categories", "plate",
-                  "--set", "mudenet.train.steps=500", "mudenet.distill.source=train+folder", "padim.d=50"])
+                  "--set", "mudenet.train.steps=500", "mudenet.distill.source=train+folder",
+                  "padim.n_features=50"])
     plan = run_all.make_plan(args)
     assert plan.common["OVERRIDES"] == {"mudenet": ["train.steps=500", "distill.source=train+folder"],
-                                        "padim": ["d=50"]}
+                                        "padim": ["n_features=50"]}
     declared = {"OVERRIDES": "{}", "OUT_DIR": "''", "SEED": "0"}
     params = run_all.notebook_parameters(plan, "20_training", plan.runs[0], declared)
     assert params["OVERRIDES"]["mudenet"] == ["train.steps=500", "distill.source=train+folder"]
@@ -113,31 +114,39 @@ def test_set_overrides_reach_the_notebooks(run_all, tmp_path):
 
 
 def test_entry_complete(run_all, tmp_path):
-    src = run_all.notebook_path("00_data_exploration")
+    name = "00_data_exploration"
     (tmp_path / "a.csv").write_text("x")
     (tmp_path / "nb.ipynb").write_text("{}")
+    inputs = run_all.notebook_inputs(name, "fp0")
+    assert set(inputs) == {"source_sha", "code_hash", "data_fingerprint"}
+    assert inputs["source_sha"] == run_all.file_sha(run_all.notebook_path(name))
     entry = {
-        "notebook": "00_data_exploration",
+        "notebook": name,
         "status": "ok",
-        "source_sha": run_all.file_sha(src),
-        "configs_sha": run_all.configs_sha(None),
+        **inputs,
         "parameters": {"SEED": 0, "REUSE": False},
         "files": ["a.csv"],
         "executed": str(tmp_path / "nb.ipynb"),
     }
-    assert run_all.entry_complete(entry, "00_data_exploration", {"SEED": 0, "REUSE": True}, tmp_path)
-    assert not run_all.entry_complete(entry, "00_data_exploration", {"SEED": 1}, tmp_path)
-    assert not run_all.entry_complete(
-        {**entry, "status": "failed"}, "00_data_exploration", {"SEED": 0}, tmp_path
-    )
-    assert not run_all.entry_complete(
-        {**entry, "source_sha": "old"}, "00_data_exploration", {"SEED": 0}, tmp_path
-    )
-    # a changed method config (another profile's hash here) invalidates the entry
-    assert run_all.configs_sha("smoke") != run_all.configs_sha(None)
-    assert not run_all.entry_complete(entry, "00_data_exploration", {"SEED": 0, "PROFILE": "smoke"}, tmp_path)
+    assert run_all.entry_complete(entry, name, {"SEED": 0, "REUSE": True}, tmp_path, inputs)
+    assert not run_all.entry_complete(entry, name, {"SEED": 1}, tmp_path, inputs)
+    assert not run_all.entry_complete({**entry, "status": "failed"}, name, {"SEED": 0}, tmp_path, inputs)
+    assert not run_all.entry_complete({**entry, "status": "running"}, name, {"SEED": 0}, tmp_path, inputs)
+    # each input invalidates: the notebook source, the package code and configs, the dataset files
+    for k in inputs:
+        assert not run_all.entry_complete({**entry, k: "old"}, name, {"SEED": 0}, tmp_path, inputs), k
     (tmp_path / "a.csv").unlink()
-    assert not run_all.entry_complete(entry, "00_data_exploration", {"SEED": 0}, tmp_path)
+    assert not run_all.entry_complete(entry, name, {"SEED": 0}, tmp_path, inputs)
+
+
+def test_bad_arguments_exit_2_before_any_work(run_all, tmp_path):
+    out = tmp_path / "res"
+    base = ["--data-root", str(tmp_path), "--categories", "plate", "--results-root", str(out)]
+    for bad in (["--set", "mudnet.distill.steps=2"], ["--set", "mudenet.distill.stepz=2"],
+                ["--set", "data.nope=1"], ["--texture-dir", str(tmp_path / "missing")], ["--only", "77"],
+                ["--jobs", "0"], ["--categories", "screw"], ["--methods", "nope"]):
+        assert run_all.main([*base, *bad]) == 2, bad
+    assert not out.exists()  # nothing was written
 
 
 @pytest.mark.slow
@@ -161,6 +170,8 @@ def test_smoke_run_then_resume_does_nothing(synthetic_root, tmp_path):
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     wall = time.perf_counter() - t0
     assert first.returncode == 0, f"run_all failed:\n{first.stdout[-3000:]}\n{first.stderr[-5000:]}"
+    # the kernels do not flood the console (jupyter's "running over TCP without encryption" and the like)
+    assert "without encryption" not in first.stderr and "WARNING" not in first.stderr, first.stderr[-3000:]
     prof = out / "smoke"
     manifest = json.loads((prof / "manifest.json").read_text())
     from mudenet_core import methods
@@ -186,6 +197,7 @@ def test_smoke_run_then_resume_does_nothing(synthetic_root, tmp_path):
     assert (prof / "report" / "90_report.html").is_file()
     for key in ("git_sha", "packages", "started", "finished"):
         assert manifest[key]
+    assert manifest["threads"]["OMP_NUM_THREADS"] >= 1 and manifest["reference"] is False
     table = pd.read_csv(prof / "tables" / "synthetic.csv")
     assert not table.empty and set(table["category"]) == {"plate"}
     assert set(table["method"]) >= {m for m in methods.available_methods() if m != "mudenet"}
@@ -207,8 +219,9 @@ def test_smoke_run_then_resume_does_nothing(synthetic_root, tmp_path):
 @pytest.mark.slow
 def test_failed_notebook_stops_with_a_clear_message(tmp_path):
     """A notebook that raises stops the run; the message names the notebook, run and executed copy."""
-    empty = tmp_path / "no_such_dataset"
-    empty.mkdir()
+    empty = tmp_path / "empty_category"
+    (empty / "bottle" / "train" / "good").mkdir(parents=True)  # a category folder without images
+    (empty / "bottle" / "test" / "good").mkdir(parents=True)
     out = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "run_all.py"), "--profile", "smoke", "--dataset", "mvtec_ad",
            "--data-root", str(empty), "--categories", "bottle", "--methods", "padim",

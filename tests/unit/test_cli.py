@@ -21,8 +21,6 @@ from sklearn.metrics import roc_auc_score
 
 from mudenet_core import cli
 
-pytest.importorskip("mudenet_core.mudenet")
-
 CATEGORY = "plate"
 TINY = ["distill.steps=2", "train.steps=2"]  # on top of the smoke profile: fewer steps
 
@@ -260,7 +258,6 @@ def test_split_overrides():
 @pytest.mark.slow
 def test_other_method_through_the_registry(synthetic_root, tmp_path):
     """The CLI is generic: the autoencoder baseline trains, evaluates and predicts with its own threshold."""
-    pytest.importorskip("mudenet_core.baselines.ae")
     from mudenet_core.methods import get_method
 
     out = tmp_path / "ae"

@@ -14,16 +14,21 @@ from PIL import Image
 
 from mudenet_core.config import ConfigError
 from mudenet_core.data import (
+    DEMO_AUGMENT,
     AnomalyDataset,
     AugmentConfig,
+    BatchAugmenter,
     DataConfig,
     DataError,
     DTDTextures,
     MVTecLOCOTestDataset,
     augment,
     augment_for,
+    augmentation_example,
+    augmentation_grid,
     build_index,
     denormalize,
+    derive_seed,
     index_mvtec_ad,
     load_image,
     make_splits,
@@ -186,7 +191,29 @@ def test_augment_rotation_matches_rot90_at_90_degrees():
 
     x = torch.rand(3, 9, 9)
     assert torch.allclose(_rotate(x, 90.0, "bilinear"), torch.rot90(x, 1, dims=(1, 2)), atol=1e-5)
-    assert torch.allclose(_rotate(x, 0.0, "bilinear"), x, atol=1e-6)
+    assert torch.equal(_rotate(x, 0.0, "bilinear"), x)  # 0 degrees: the identity
+    m = (torch.rand(1, 9, 9) > 0.5).float()
+    assert torch.equal(_rotate(m, 90.0, "nearest"), torch.rot90(m, 1, dims=(1, 2)))
+
+
+@pytest.mark.parametrize("angle", [0.5, 7.0, 15.0, 30.0, 45.0, 60.0, 89.0, 135.0, -20.0, 180.0])
+def test_rotation_samples_only_inside_the_image(angle):
+    """Zoom-in rotation: no padding at all, so no structure is invented at borders and corners."""
+    from mudenet_core.data.transforms import _rotate, rotation_grid, rotation_zoom
+
+    for h, w in ((16, 16), (12, 20)):
+        g = rotation_grid(h, w, angle)  # (1, H, W, 2), align_corners=True coordinates
+        assert tuple(g.shape) == (1, h, w, 2) and g.abs().max() <= 1.0
+        ones = _rotate(torch.ones(3, h, w), angle, "bilinear")  # grid_sample pads with zeros
+        torch.testing.assert_close(ones, torch.ones(3, h, w), rtol=0, atol=1e-5)  # never reads a padded pixel
+    # the zoom is minimal: the rotated corners of the output reach the source's edge (|coordinate| = 1)
+    assert torch.isclose(rotation_grid(16, 16, angle).abs().amax(dim=-1).max(), torch.tensor(1.0), atol=1e-6)
+    a = np.radians(angle)
+    assert np.isclose(rotation_zoom(16, 16, angle), abs(np.cos(a)) + abs(np.sin(a)))
+    m = torch.zeros(1, 16, 16)
+    m[0, 3:9, 5:12] = 1
+    r = _rotate(m, angle, "nearest")
+    assert set(r.unique().tolist()) <= {0.0, 1.0} and r.sum() > 0  # the mask stays binary
 
 
 def test_augment_rotation_and_jitter_stay_in_range():
@@ -210,15 +237,78 @@ def test_augment_tables_and_config_selection():
     assert augment_for("mvtec_ad", "not_a_category") == AugmentConfig()  # the default
     assert augment_for("no_such_dataset", "x") == AugmentConfig()
     cfg = DataConfig(dataset="mvtec_ad", category="carpet")
-    assert cfg.resolved_augment() == augment_for("mvtec_ad", "carpet")
-    explicit = DataConfig.from_dict({"dataset": "mvtec_ad", "category": "carpet", "augment": {"vflip": True}})
-    assert explicit.resolved_augment() == AugmentConfig(vflip=True)
+    assert cfg.augment_policy == "none" and cfg.resolved_augment() == AugmentConfig()  # one recipe: none
+    table = cfg.replace(augment_policy="table")
+    assert table.resolved_augment() == augment_for("mvtec_ad", "carpet")  # opt-in per-category table
+    explicit = DataConfig.from_dict({"dataset": "mvtec_ad", "category": "carpet", "augment": {"vflip": True},
+                                     "augment_policy": "table"})
+    assert explicit.resolved_augment() == AugmentConfig(vflip=True)  # an explicit augment wins
+    with pytest.raises(ConfigError, match="augment_policy"):
+        DataConfig.from_dict({"augment_policy": "paper"})
     with pytest.raises(ConfigError, match="unknown key"):
         DataConfig.from_dict({"datset": "mpdd"})
     with pytest.raises(ConfigError):
         DataConfig.from_dict({"dataset": "imagenet"})
     with pytest.raises(ConfigError, match="rotation_deg"):
         AugmentConfig(rotation_deg=-1)
+
+
+AUG = AugmentConfig(hflip=True, vflip=True, rotation_deg=15, color_jitter=0.1)
+
+
+def test_on_the_fly_draws_are_fresh_per_step_and_reproducible():
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    aug = BatchAugmenter(images, AUG, seed=7, normalize=False)
+    idx = torch.tensor([3, 1, 4])
+    a0, a1 = aug.batch(idx, step=0), aug.batch(idx, step=1)
+    assert tuple(a0.shape) == (3, 3, 16, 16) and a0.min() >= 0 and a0.max() <= 1
+    assert not any(torch.equal(a0[k], a1[k]) for k in range(3))  # the same image, another step: a new draw
+    # the same (seed, step, index) gives the same draw: a fresh augmenter (a resumed run), any batch order
+    again = BatchAugmenter(images.clone(), AUG, seed=7, normalize=False)
+    assert torch.equal(again.batch(idx, 0), a0)
+    assert torch.equal(again.batch(torch.tensor([4, 3]), 0), a0[[2, 0]])
+    assert not torch.equal(BatchAugmenter(images, AUG, seed=8, normalize=False).batch(idx, 0), a0)  # seed
+    # normalised batches are normalize(draw); an identity augmentation returns the images themselves
+    torch.testing.assert_close(BatchAugmenter(images, AUG, seed=7).batch(idx, 0), normalize(a0))
+    ident = BatchAugmenter(images, AugmentConfig(), seed=7)
+    assert ident.is_identity and torch.equal(ident.batch(idx, 5), normalize(images[idx]))
+    assert torch.equal(ident.base(), normalize(images))
+    assert derive_seed(7, 0, 3) == derive_seed(7, 0, 3) != derive_seed(7, 1, 3)
+
+
+def test_training_free_splits_are_unaugmented_like_val(synthetic_root):
+    cfg = DataConfig(dataset="synthetic", root=str(synthetic_root), category="weave", image_size=32,
+                     augment=AUG)
+    s = make_splits(cfg, generator=torch.Generator().manual_seed(0))
+    assert s.train.augment == AUG
+    plain = s.train_unaugmented
+    assert plain.augment is None and len(plain) == len(s.train) and s.train.augment == AUG  # a copy
+    # loaded exactly as val/test are: the same images as an augment-free dataset over the train rows
+    val_style = AnomalyDataset(s.index[s.index["split"] == "train"], image_size=32)
+    for i in range(len(plain)):
+        assert torch.equal(plain[i]["image"], val_style[i]["image"])
+        assert plain[i]["path"] == s.train[i]["path"]
+    assert not torch.equal(s.train[0]["image"], plain[0]["image"])  # the training set itself still augments
+    raw = s.train.without_augment(normalize=False)[0]["image"]  # [0, 1]: BatchAugmenter's base images
+    assert raw.min() >= 0 and raw.max() <= 1 and torch.equal(normalize(raw), plain[0]["image"])
+    # default config: no augmentation at all, train equals its unaugmented copy
+    d = make_splits(cfg.replace(augment=None))
+    assert d.config.augment_policy == "none" and d.train.augment is None
+    assert torch.equal(d.train[0]["image"], d.train_unaugmented[0]["image"])
+
+
+def test_augmentation_figure_and_its_label():
+    from matplotlib.figure import Figure
+
+    fig = augmentation_grid(torch.rand(2, 3, 16, 16), AUG, n_draws=4, seed=0, title="demo")
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 * 5
+    assert fig.axes[0].get_title() == "original" and fig.axes[4].get_title() == "draw 4"
+    cfg, title = augmentation_example(None, "synthetic", "plate")  # no table entry: the demonstration
+    assert cfg == DEMO_AUGMENT and title.startswith("DEMONSTRATION")
+    cfg, title = augmentation_example(AugmentConfig(), "synthetic", "weave")  # table entry, not used
+    assert cfg == augment_for("synthetic", "weave") and "NOT used" in title and "not the paper" in title
+    cfg, title = augmentation_example(AUG, "synthetic", "plate")  # what the run trains with
+    assert cfg == AUG and title.startswith("Training augmentation of this run")
 
 
 def test_denormalize_inverts_normalize():

@@ -1,8 +1,13 @@
+import copy
+
 import pytest
 import torch
 
+from mudenet_core import train
+from mudenet_core.config import ConfigError
+from mudenet_core.data import AugmentConfig, BatchAugmenter, DataConfig, make_splits, normalize
 from mudenet_core.io import CheckpointError, load_checkpoint
-from mudenet_core.mudenet import ARCHITECTURE_KEYS, MuDeNet, MuDeNetConfig
+from mudenet_core.mudenet import ARCHITECTURE_KEYS, RESUME_KEYS, MuDeNet, MuDeNetConfig, _build_nets
 from mudenet_core.train import EpochSampler, steps_for
 
 TINY = {
@@ -229,3 +234,132 @@ def test_distill_then_fit_equals_one_fit(tmp_path, data, reference):
     assert log["train"]["L"] == log_ref["train"]["L"]
     x = val_ds.images
     torch.testing.assert_close(det.predict(x)[0], ref.predict(x)[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- on-the-fly augmentation
+AUG = AugmentConfig(hflip=True, vflip=True, rotation_deg=15, color_jitter=0.1)
+
+
+def _nets(seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_nets(MuDeNetConfig.from_dict(TINY))
+
+
+def _stage2(nets, images, augmenter, **kw):
+    return train.train_end_to_end(nets, images, steps=6, lr=1e-3, batch_size=2, show_progress=False,
+                                  generator=torch.Generator().manual_seed(0), augmenter=augmenter, **kw)
+
+
+@pytest.fixture(scope="module")
+def base_images():
+    return torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))  # [0, 1]
+
+
+def test_identity_augmenter_changes_nothing_and_a_real_one_is_used(base_images):
+    images = normalize(base_images)
+    plain = _stage2(_nets(), images, None)
+    ident = _stage2(_nets(), images, BatchAugmenter(base_images, AugmentConfig(), seed=0))
+    assert ident["L"] == plain["L"]  # identity: the same run (teacher maps cached as before)
+    augmented = _stage2(_nets(), images, BatchAugmenter(base_images, AUG, seed=0))
+    assert augmented["L"] != plain["L"]
+    assert _stage2(_nets(), images, BatchAugmenter(base_images, AUG, seed=0))["L"] == augmented["L"]
+
+
+def test_augmented_teacher_maps_are_computed_on_the_augmented_batch(base_images, monkeypatch):
+    nets = _nets()
+    seen = []
+    real = nets.teacher_maps
+
+    def spy(x):
+        seen.append(x.clone())
+        return real(x)
+
+    monkeypatch.setattr(nets, "teacher_maps", spy)
+    aug = BatchAugmenter(base_images, AUG, seed=0)
+    _stage2(nets, normalize(base_images), aug)
+    assert len(seen) == 6  # once per step: no cache of the un-augmented images
+    sampler = train.EpochSampler(5, 2, torch.Generator().manual_seed(0))
+    for step, x in enumerate(seen):
+        assert torch.equal(x, aug.batch(sampler.next(), step))  # the batch the students were trained on
+
+
+def test_augmented_end_to_end_training_resumes_exactly(base_images):
+    images, aug = normalize(base_images), BatchAugmenter(base_images, AUG, seed=5)
+    ref_nets = _nets()
+    ref = _stage2(ref_nets, images, aug)
+
+    nets, saved = _nets(), {}
+
+    def keep(state):
+        saved[state["step"]] = (copy.deepcopy(state), copy.deepcopy(nets.state_dict()))
+
+    with pytest.raises(Interrupt):
+        _stage2(nets, images, aug, checkpoint=keep, checkpoint_every=2, callback=interrupt_at("train", 3))
+    state, weights = saved[2]
+    resumed = _nets(seed=99)  # another initialisation: everything must come from the checkpoint
+    resumed.load_state_dict(weights)
+    fresh_aug = BatchAugmenter(base_images.clone(), AUG, seed=5)  # no augmenter state is carried over
+    log = _stage2(resumed, images, fresh_aug, state=state)
+    assert log["L"] == ref["L"] and log["L1"] == ref["L1"]
+    for k, v in ref_nets.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+@pytest.fixture(scope="module")
+def aug_data(synthetic_root):
+    cfg = DataConfig(dataset="synthetic", root=str(synthetic_root), category="weave", image_size=64,
+                     val_fraction=0.25, augment=AUG)
+    s = make_splits(cfg, generator=torch.Generator().manual_seed(0))
+    return s.train, s.val
+
+
+def test_mudenet_fit_with_augmentation_resumes_to_identical_result(tmp_path, aug_data):
+    cfg = MuDeNetConfig.from_dict(TINY)
+    train_ds, val_ds = aug_data
+    ref = MuDeNet(cfg)
+    log_ref = ref.fit(train_ds, val_ds, generator=torch.Generator().manual_seed(0), show_progress=False)
+    ckpt_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        MuDeNet(cfg).fit(train_ds, val_ds, generator=torch.Generator().manual_seed(0), show_progress=False,
+                         checkpoint_dir=ckpt_dir, callback=interrupt_at("train", 3))
+    assert load_checkpoint(ckpt_dir / "last.pt")["augment"] == AUG.to_dict()
+    det = MuDeNet(cfg)
+    log = det.fit(train_ds, val_ds, generator=torch.Generator().manual_seed(0), show_progress=False,
+                  checkpoint_dir=ckpt_dir, resume=True)
+    assert log["distill"]["L_dist"] == log_ref["distill"]["L_dist"]
+    assert log["train"]["L"] == log_ref["train"]["L"]
+    x = torch.stack([val_ds[i]["image"] for i in range(len(val_ds))])
+    torch.testing.assert_close(det.predict(x)[0], ref.predict(x)[0], rtol=0, atol=0)
+    # resuming under another augmentation would not be exact: refused
+    plain = train_ds.without_augment()
+    with pytest.raises(CheckpointError, match="augmentation"):
+        MuDeNet(cfg).fit(plain, val_ds, generator=torch.Generator().manual_seed(0), show_progress=False,
+                         checkpoint_dir=ckpt_dir, resume=True)
+
+
+def test_mudenet_augments_on_the_fly_with_a_seed_from_the_fit_generator(monkeypatch, aug_data):
+    train_ds, val_ds = aug_data
+    seen = []
+
+    def spy(nets, images, **kw):
+        seen.append((images, kw["augmenter"]))
+        raise Interrupt
+
+    monkeypatch.setattr(train, "train_end_to_end", spy)
+    for seed in (0, 0, 1):
+        with pytest.raises(Interrupt):
+            MuDeNet(MuDeNetConfig.from_dict(TINY)).fit(
+                train_ds, val_ds, generator=torch.Generator().manual_seed(seed), show_progress=False)
+    (images, aug), (_, aug_again), (_, aug_other) = seen
+    assert aug.cfg == AUG and aug.seed == aug_again.seed != aug_other.seed  # seeds follow the training seed
+    # stage 2 (and distillation) see the un-augmented images; the augmenter holds them in [0, 1]
+    plain = train.stack_dataset(train_ds.without_augment())
+    assert torch.equal(images, plain) and torch.equal(aug.base(), plain)
+    assert aug.images.min() >= 0 and aug.images.max() <= 1
+
+
+def test_removed_augment_copies_key():
+    with pytest.raises(ConfigError, match="augment_copies"):
+        MuDeNetConfig.from_dict({"augment_copies": 1})
+    assert "augment_copies" not in RESUME_KEYS

@@ -141,7 +141,6 @@ def test_roc_curves_legend_matches_sklearn(toy, tmp_path):
 
 
 def test_pro_curves_perfect_maps(toy, tmp_path):
-    pytest.importorskip("mudenet_core.metrics")
     _, masks, maps, _, _ = toy
     fig = viz.pro_curves({"perfect": (masks, masks + 0.01 * maps), "noise": (masks, maps[::-1])}, max_fpr=0.3)
     ax = fig.axes[0]

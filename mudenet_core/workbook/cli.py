@@ -1,0 +1,94 @@
+"""The command line of ``python run_all.py``: parse, plan (exit 2 on bad arguments), execute (1: failed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mudenet_core.workbook.execute import run_profile
+from mudenet_core.workbook.plan import DATASETS, PROFILES, REPO_ROOT, PlanError, RunAllError, make_plan
+
+DESCRIPTION = """\
+Execute the numbered notebooks for every (dataset, category, seed) and build the results index.
+
+User runs write results/<profile>/ (git-ignored); --reference rewrites the committed reference results in
+results/reference/<profile>/ and refuses to run from a dirty git tree. Exit status: 0 done, 1 a notebook
+failed, 2 bad arguments (nothing executed).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="run_all.py", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=PROFILES, default="cpu",
+                   help="run grid and notebook parameters (params/<profile>.yaml); default: cpu (generated "
+                        "dataset, fits 30 min on 2 cores)")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="dataset (default: the profile's)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the dataset's categories (default for synthetic: the profile's "
+                        "synthetic_root, generated on first use)")
+    p.add_argument("--categories", nargs="+", default=None,
+                   help="categories (space- or comma-separated); default: the profile's for its own dataset, "
+                        "else every category found under --data-root")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods of the harness (mudenet runs notebooks 10-30 and 50; the others run in "
+                        "40_baselines); default: the profile's")
+    p.add_argument("--jobs", type=int, default=1, help="independent (category, seed) runs in parallel")
+    p.add_argument("--resume", action="store_true",
+                   help="skip notebooks whose outputs are complete (same notebook, package code, configs, "
+                        "parameters and dataset files) and let notebooks reuse checkpoints made from the "
+                        "same inputs")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="a subset of notebooks, by name or number (e.g. 00 40)")
+    p.add_argument("--set", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
+                   help="config overrides for every run: METHOD.KEY=VALUE for a method's config (e.g. "
+                        "mudenet.train.steps=500 mudenet.distill.source=train+folder), data.KEY=VALUE for "
+                        "the dataset config (e.g. data.val_fraction=0.2); unknown methods and keys exit 2")
+    p.add_argument("--texture-dir", default=None, metavar="PATH",
+                   help="folder of texture images for the synthetic validation anomalies (notebook parameter "
+                        "TEXTURE_DIR; default: none)")
+    p.add_argument("--results-root", "--out", dest="results_root", default=str(REPO_ROOT / "results"),
+                   metavar="DIR", help="results root (default: <repo>/results): user runs write "
+                   "<DIR>/<profile>/, --reference <DIR>/reference/<profile>/")
+    p.add_argument("--reference", action="store_true",
+                   help="regenerate the committed reference results (results/reference/<profile>/); refuses "
+                        "when the git tree has uncommitted changes")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="with --reference: run from a dirty tree anyway (development; the SHA says -dirty)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 a notebook failed, 2 bad arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    if args.allow_dirty and not args.reference:
+        print("[run_all] ERROR: --allow-dirty only applies to --reference", file=sys.stderr, flush=True)
+        return 2
+    try:
+        plan = make_plan(args)
+    except PlanError as e:
+        print(f"[run_all] ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(
+        f"[run_all] profile {plan.profile}{' (reference)' if plan.reference else ''}: "
+        f"{len(plan.runs)} run(s) x {len(plan.notebooks)} notebook(s) -> {plan.profile_dir}",
+        flush=True,
+    )
+    try:
+        summary = run_profile(plan, show_progress=not args.quiet, argv=argv)
+    except RunAllError as e:
+        print(f"[run_all] ERROR: {e}", file=sys.stderr, flush=True)
+        return 1
+    wall = time.perf_counter() - t0
+    if summary["executed"] == 0:
+        print(f"[run_all] nothing to do: every notebook's outputs are complete ({wall:.1f} s)", flush=True)
+    else:
+        print(f"[run_all] executed {summary['executed']} notebook(s) in {wall:.1f} s; "
+              f"index: {summary['index']}", flush=True)
+    return 0
