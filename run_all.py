@@ -49,14 +49,20 @@ from mudenet_core.workbook.plan import (
     read_notebook,
 )
 from mudenet_core.workbook.render import render_html
-from mudenet_core.workbook.resume import data_fingerprint, entry_complete, file_sha, notebook_inputs
+from mudenet_core.workbook.resume import (
+    data_fingerprint,
+    entry_complete,
+    file_sha,
+    notebook_inputs,
+    why_incomplete,
+)
 
 __all__ = [
     "DATASETS", "NOTEBOOKS", "PROFILES", "Plan", "PlanError", "RunAllError", "RunKey", "build_parser",
     "data_fingerprint", "declared_parameters", "discover_categories", "entry_complete", "execute_one",
     "execute_run", "file_sha", "kernel_config", "kernel_env", "load_profile", "main", "make_plan",
     "notebook_inputs", "notebook_parameters", "notebook_path", "package_versions", "parse_overrides",
-    "read_notebook", "render_html", "run_profile",
+    "read_notebook", "render_html", "run_profile", "why_incomplete",
 ]
 
 if __name__ == "__main__":

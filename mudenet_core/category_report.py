@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mudenet_core import report, viz
+from mudenet_core import report, report_html, viz
 from mudenet_core.io import REPO_ROOT, atomic_write_text
 
 PAGES_DIR = "categories"
@@ -283,7 +283,7 @@ def _grid_section(hard: pd.DataFrame, images: np.ndarray, masks: np.ndarray,
     return [
         f"<h3>Hardest test images</h3><p class='note'>{html.escape(_GRID_NOTE)}</p>",
         _img("hardest.png", "hardest images", "rows: images; columns: methods"),
-        report.html_table(table, table_id="tbl-hardest", index=False),
+        report_html.html_table(table, table_id="tbl-hardest", index=False),
     ]
 
 
@@ -364,14 +364,14 @@ def write_category_page(
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>{html.escape(report.PROTOCOL_NOTE)}</p>",
         "<h2>Every method</h2>",
-        report.html_table(report.headline_table(metrics, timings, dataset=dataset, category=category),
+        report_html.html_table(report.headline_table(metrics, timings, dataset=dataset, category=category),
                           table_id="tbl-methods"),
     ]
     dep = report.deployment_table(metrics, dataset=dataset, category=category)
     if not dep.empty:
         parts.append("<h3>Deployment: test metrics at the threshold calibrated on val, beside the oracle "
                      "F1-max</h3>")
-        parts.append(report.html_table(dep, table_id="tbl-deployment"))
+        parts.append(report_html.html_table(dep, table_id="tbl-deployment"))
     seed = choose_seed(runs) if seed is None else seed
     if seed is not None and seed in runs:
         parts.append(f"<h2>Curves and maps (seed {seed})</h2>")
@@ -388,7 +388,7 @@ def write_category_page(
             parts.append(f"<li><a href='{html.escape(rel)}'>{html.escape(os.path.relpath(p, profile_dir))}"
                          "</a></li>")
         parts.append("</ul>")
-    return atomic_write_text(out, report.html_page(title, parts))
+    return atomic_write_text(out, report_html.html_page(title, parts))
 
 
 def write_category_pages(profile_dir: str | Path, *, k_normal: int = 3, k_anomalous: int = 3,

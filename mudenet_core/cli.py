@@ -43,7 +43,6 @@ from mudenet_core.io import (
     atomic_path,
     atomic_write_text,
     git_sha,
-    load_json,
     prepare_out_dir,
     save_csv,
     save_json,
@@ -492,11 +491,12 @@ def _calibrate_threshold(args, detector, splits, out: Path, device: torch.device
     tcfg = ThresholdConfig() if q is None else ThresholdConfig(quantile=q)
     result, threshold = calibrate_threshold(detector, val_set, cfg=tcfg, device=device)
     labels = result.scores["label"].to_numpy()
-    save_threshold(out, threshold, tcfg, n_normal=int((labels == 0).sum()), n_anomalous=int((labels == 1).sum()))
+    n_normal, n_anomalous = int((labels == 0).sum()), int((labels == 1).sum())
+    save_threshold(out, threshold, tcfg, n_normal=n_normal, n_anomalous=n_anomalous)
     save_evaluation(result, out / "validation", config=detector.config, save_maps=False,
                     extra={"split": "val", "threshold": threshold, "git_sha": git_sha()})
-    summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in ("image_auroc", "pixel_auroc",
-                                                                                   "au_pro"))
+    shown = ("image_auroc", "pixel_auroc", "au_pro")
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in shown)
     _log(f"train: validation ({int((labels == 0).sum())} normal + {int((labels == 1).sum())} synthetic "
          f"anomalies): {summary}; threshold {threshold:.6g} ({tcfg.mode}, q={tcfg.quantile})")
     return threshold

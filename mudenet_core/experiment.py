@@ -1,4 +1,4 @@
-"""The thin orchestration the notebooks call: splits, fit-or-load, evaluate, tidy outputs, ablations.
+"""The thin orchestration the notebooks call: splits, fit-or-load, evaluate, tidy outputs.
 
 A *run* is one (dataset, category, seed) and owns one output folder (``OUT_DIR`` of the notebooks)::
 
@@ -7,7 +7,7 @@ A *run* is one (dataset, category, seed) and owns one output folder (``OUT_DIR``
     <run>/checkpoints/<name>/threshold.json      decision threshold chosen on the validation set
     <run>/eval/<method>/{metrics.json, scores.csv, maps.npy}        test split (read once, final report)
     <run>/eval/<method>/val/{metrics.json, scores.csv, maps.npy}    validation set (every choice)
-    <run>/tables/metrics_<method>.csv            tidy: method, dataset, category, seed, split, metric, value, ...
+    <run>/tables/metrics_<method>.csv            tidy: method, dataset, category, seed, split, metric, ...
     <run>/tables/timings_<method>.csv            tidy timings (fit_s = distill_s + train_s + calibration_s)
     <run>/tables/ablations.csv                   tidy, with ``ablation`` and ``variant`` columns
     <run>/figures/*.png
@@ -18,6 +18,9 @@ checkpoint exists is loaded instead of refitted. Each tidy row carries the confi
 The protocol: the *validation set* (:func:`build_validation`) is the held-out normal training images plus
 synthetic anomalies made on them (:mod:`mudenet_core.data.synthesis`); normalisation statistics, the
 decision threshold and every selection use it. The test split is scored once, by :func:`evaluate_method`.
+
+Beside this module: :mod:`mudenet_core.ablations` (MuDeNet ablations by re-scoring) and
+:mod:`mudenet_core.mudenet_figures` (MuDeNet's display helpers); their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,7 +38,17 @@ import pandas as pd
 import torch
 
 from mudenet_core import io, report
-from mudenet_core.report import show_figure  # noqa: F401  (re-exported for the notebooks)
+
+# re-exported for the notebooks and older callers (the moved names live in their own modules)
+from mudenet_core.ablations import raw_components, rescore, run_scoring_ablations, scoring_variants  # noqa: F401
+from mudenet_core.mudenet_figures import (  # noqa: F401
+    MapSnapshots,
+    load_distilled,
+    snapshot_figure,
+    teacher_and_target,
+    teacher_target_figure,
+)
+from mudenet_core.report import show_figure  # noqa: F401
 from mudenet_core.utils import resolve_device, seed_everything
 
 SPLIT_SEED = 0  # the train/val split is fixed across training seeds: seeds measure training variance only
@@ -313,7 +326,8 @@ def fit_or_load(
     key = _fit_key(config, val_set, threshold_config)
     if reuse and model_path.is_file() and log_path.is_file():
         info = io.load_json(log_path)
-        if info.get("config_hash") == config.config_hash() and (val_set is None or info.get("fit_key") == key):
+        same_validation = val_set is None or info.get("fit_key") == key
+        if info.get("config_hash") == config.config_hash() and same_validation:
             det = det_cls.load(model_path, device=device)
             return det, {**info, "loaded": True}
         print(f"{model_path}: made with another config or validation set; fitting again")
@@ -438,142 +452,6 @@ def distill_mudenet(
     return log
 
 
-def teacher_and_target(det, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Distillation target E and the teacher's level maps for some images (for display).
-
-    Rebuilds E as :meth:`MuDeNet.fit` does (same backbone, the stored channel indices and channel statistics)
-    and resizes it to the teacher's grid (bilinear), where the distillation loss compares them.
-
-    Returns:
-        targets (B, C, h, w) and S x (B, C, h, w) teacher maps.
-    """
-    import torch.nn.functional as F
-
-    from mudenet_core import train
-
-    cfg, nets = det.config, det.nets
-    backbone, layers = det.distillation_backbone()
-    feats = train.backbone_features(backbone, layers, images, batch_size=cfg.eval_batch_size,
-                                    channel_idx=nets.channel_idx.cpu())  # (B, C, h1, w1)
-    targets, _, _ = train.distillation_targets(feats, nets.target_mean.cpu(), nets.target_std.cpu())
-    nets.eval()
-    with torch.no_grad():
-        teacher = [t.cpu() for t in nets.teacher(images.to(det.device))]  # S x (B, C, h, w)
-    if targets.shape[-2:] != teacher[0].shape[-2:]:
-        targets = F.interpolate(targets, size=teacher[0].shape[-2:], mode="bilinear", align_corners=False)
-    return targets, teacher
-
-
-def load_distilled(run: Run, device: torch.device):
-    """The MuDeNet with the distilled teacher from ``<run>/checkpoints/mudenet/last.pt`` (any stage)."""
-    from mudenet_core.mudenet import MuDeNet, MuDeNetConfig
-
-    ckpt = io.load_checkpoint(run.checkpoint_dir("mudenet") / MuDeNet.CHECKPOINT_NAME)
-    det = MuDeNet(MuDeNetConfig.from_dict(ckpt["config"]))
-    det.nets.load_state_dict(ckpt["state_dict"])
-    det.device = torch.device(device)
-    det.nets.to(det.device).eval()
-    return det
-
-
-def teacher_target_figure(
-    targets: torch.Tensor, teacher: Sequence[torch.Tensor], *, channel: int = 0, panel_size: float = 2.0
-):
-    """One row per image: target E[channel] | teacher level 1..S [channel], each on its own colour scale.
-
-    Args:
-        targets: (B, C, h, w) distillation targets.
-        teacher: S x (B, C, h, w) teacher level maps.
-        channel: descriptor channel to show.
-        panel_size: inches per panel.
-    """
-    from matplotlib.figure import Figure
-
-    b, s = targets.shape[0], len(teacher)
-    fig = Figure(figsize=(panel_size * (s + 1), panel_size * b), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(b, s + 1, squeeze=False))
-    for i in range(b):
-        panels = [("target E", targets[i, channel])] + [
-            (f"teacher level {j + 1}", teacher[j][i, channel]) for j in range(s)
-        ]
-        for ax, (title, m) in zip(axes[i], panels, strict=True):
-            ax.imshow(m.numpy(), cmap="viridis")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"{title} (ch {channel})", fontsize=8)
-    return fig
-
-
-class MapSnapshots:
-    """A MuDeNet fit callback that records raw structural and logical maps of a few images during training.
-
-    Every ``every`` steps of stage 2 it runs the networks on ``images`` (B, 3, H, W) and keeps the level-mean
-    raw maps (B, 2, h, w); the networks' train/eval modes are restored afterwards.
-    """
-
-    def __init__(self, det, images: torch.Tensor, every: int):
-        assert images.ndim == 4, f"expected (B,3,H,W), got {tuple(images.shape)}"
-        self.det, self.images, self.every = det, images, max(1, int(every))
-        self.steps: list[int] = []
-        self.maps: list[np.ndarray] = []
-
-    def __call__(self, stage: str, step: int, losses: dict[str, float]) -> None:
-        """Record at steps 1, every, 2*every, ... of stage "train"."""
-        if stage != "train" or (step != 1 and step % self.every != 0):
-            return
-        nets = self.det.nets
-        modes = {m: m.training for m in nets.modules()}
-        device = next(nets.parameters()).device
-        with torch.no_grad():
-            nets.eval()
-            x, s1, a, s2 = nets(self.images.to(device))
-            from mudenet_core import scoring
-
-            raw = scoring.raw_maps(x, s1, a, s2).mean(dim=2)  # (B, 2, S, h, w) -> (B, 2, h, w)
-        for m, t in modes.items():
-            m.train(t)
-        self.steps.append(int(step))
-        self.maps.append(raw.cpu().numpy())
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``steps`` (T,) and ``maps`` (T, B, 2, h, w) as ``.npz`` atomically."""
-        with io.atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f, steps=np.array(self.steps), maps=np.stack(self.maps) if self.maps else np.zeros(0)
-                )
-        return Path(path)
-
-
-def snapshot_figure(steps: np.ndarray, maps: np.ndarray, image: int = 0, panel_size: float = 1.8):
-    """Raw structural (top) and logical (bottom) maps of one image across training steps.
-
-    Args:
-        steps: (T,) training steps.
-        maps: (T, B, 2, h, w) from :class:`MapSnapshots`.
-        image: which of the B images.
-        panel_size: inches per panel.
-    """
-    from matplotlib.figure import Figure
-
-    t = len(steps)
-    assert t > 0 and maps.ndim == 5, f"expected (T, B, 2, h, w) snapshots, got {maps.shape}"
-    fig = Figure(figsize=(panel_size * t, panel_size * 2), layout="constrained")
-    axes = fig.subplots(2, t, squeeze=False)
-    for j in range(t):
-        for r, name in enumerate(("structural", "logical")):
-            ax = axes[r, j]
-            ax.imshow(maps[j, image, r], cmap="jet")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"step {int(steps[j])}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(name, fontsize=8)
-    return fig
-
-
 def log_frame(log: dict[str, Any], keys: Sequence[str] | None = None) -> pd.DataFrame:
     """The per-step part of a training log as a DataFrame (``step`` plus the per-step loss columns)."""
     n = len(log.get("step", []))
@@ -660,116 +538,3 @@ def per_defect_auroc(scores: pd.DataFrame) -> pd.DataFrame:
 def outputs_exist(*paths: str | Path) -> bool:
     """True when every path exists (a notebook cell uses it to skip finished work)."""
     return all(Path(p).exists() for p in paths)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Ablations by re-scoring (no retraining)
-# ------------------------------------------------------------------------------------------------------------
-def raw_components(det, dataset) -> torch.Tensor:
-    """MuDeNet's raw per-level, per-branch maps for a whole dataset: (N, 2, S, h, w) on CPU."""
-    bs = det.config.eval_batch_size
-    out = []
-    for i in range(0, len(dataset), bs):
-        batch = torch.stack([dataset[j]["image"] for j in range(i, min(i + bs, len(dataset)))])
-        out.append(det.predict_components(batch).cpu())
-    return torch.cat(out)
-
-
-def rescore(
-    raw_val: torch.Tensor,
-    raw_test: torch.Tensor,
-    scoring_config,
-    image_size: int,
-    labels: np.ndarray,
-    masks: np.ndarray,
-    batch_size: int = 16,
-) -> dict[str, float]:
-    """Calibrate ``scoring_config`` on the validation raw maps, score the test raw maps, compute the metrics.
-
-    Equivalent to ``det.calibrate(val, scoring_config)`` followed by ``predict`` on the test set, but it
-    reuses the networks' outputs, so a whole ablation grid costs one forward pass per image.
-    """
-    from mudenet_core import metrics, scoring
-
-    stats = scoring.map_statistics(raw_val, scoring_config)
-    maps, scores = [], []
-    for i in range(0, raw_test.shape[0], batch_size):
-        amap = scoring.anomaly_map(
-            raw_test[i : i + batch_size], stats, scoring_config, image_size
-        )  # (b, 1, H, W)
-        maps.append(amap[:, 0].numpy())
-        scores.append(scoring.image_scores(amap).double().numpy())
-    return metrics.summary_metrics(labels, np.concatenate(scores), masks, np.concatenate(maps))
-
-
-def scoring_variants(
-    base,
-    *,
-    branches: Sequence[str] = (),
-    level_sets: Sequence[Sequence[int]] = (),
-    normalizations: Sequence[str] = (),
-    blur_sigmas: Sequence[float] = (),
-) -> list[tuple]:
-    """One-factor-at-a-time variants of a :class:`~mudenet_core.scoring.ScoringConfig`.
-
-    Args:
-        base: the trained model's scoring config (every variant changes one factor of it).
-        branches: any of "both", "structural", "logical".
-        level_sets: 1-based level tuples, e.g. ``[[1], [1, 2], [1, 2, 3]]``.
-        normalizations: any of "minmax", "quantile", "none".
-        blur_sigmas: Gaussian sigmas in input pixels.
-
-    Returns:
-        ``[(ablation, variant, ScoringConfig), ...]``.
-
-    Example:
-        >>> from mudenet_core.scoring import ScoringConfig
-        >>> variants = scoring_variants(ScoringConfig(), branches=["structural"], blur_sigmas=[0])
-        >>> [(a, v) for a, v, _ in variants]
-        [('branches', 'structural'), ('blur_sigma', '0')]
-    """
-    out = []
-    for b in branches:
-        flags = {"both": (True, True), "structural": (True, False), "logical": (False, True)}
-        if b not in flags:
-            raise ValueError(f"unknown branch variant {b!r}; choose from {', '.join(flags)}")
-        out.append(("branches", b, base.replace(use_structural=flags[b][0], use_logical=flags[b][1])))
-    for levels in level_sets:
-        out.append(("levels", ",".join(str(int(v)) for v in levels), base.replace(levels=tuple(levels))))
-    for n in normalizations:
-        out.append(("normalization", str(n), base.replace(normalization=n)))
-    for s in blur_sigmas:
-        out.append(("blur_sigma", f"{float(s):g}", base.replace(blur_sigma=float(s))))
-    return out
-
-
-def run_scoring_ablations(
-    det, splits, run: Run, variants: Sequence[tuple], *, method: str = "mudenet", config_hash: str = "",
-    val_set=None,
-) -> pd.DataFrame:
-    """Evaluate every scoring variant by re-scoring; return the tidy ablation rows.
-
-    Each variant re-fits the normalisation statistics on the normal validation images, then scores the
-    synthetic-anomaly validation set (``split="val"``, when ``val_set`` is given: the numbers a choice may
-    use) and the test split (``split="test"``: reported as ablations, never used to choose).
-    """
-    raw_val = raw_components(det, splits.val)
-    targets = []
-    if val_set is not None:
-        targets.append(("val", val_set))
-    targets.append(("test", splits.test))
-    prepared = []
-    for split, ds in targets:
-        items = [ds[i] for i in range(len(ds))]
-        labels = np.array([int(it["label"]) for it in items])
-        masks = np.stack([(it["mask"][0] > 0.5).numpy().astype(np.uint8) for it in items])
-        prepared.append((split, raw_components(det, ds), labels, masks))
-    size = int(det.config.image_size)
-    frames = []
-    for ablation, variant, scfg in variants:
-        for split, raw, labels, masks in prepared:
-            m = rescore(raw_val, raw, scfg, size, labels, masks)
-            frames.append(run.tidy(m, method=method, config_hash=config_hash or scfg.config_hash(),
-                                   split=split, ablation=ablation, variant=variant))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=report.ABLATION_COLUMNS)
-    return df[report.ABLATION_COLUMNS]

@@ -5,7 +5,8 @@ Example (any registered detector)::
     val = evaluate(detector, validation_set, device=dev)      # normal + synthetic anomalies (choices)
     threshold = choose_threshold(val.scores["label"], val.scores["score"], ThresholdConfig())
     result = evaluate(detector, splits.test, device=dev)      # read once, for the final report
-    result.metrics["image_auroc"], deployment_metrics(result.scores["label"], result.scores["score"], threshold)
+    labels, scores = result.scores["label"], result.scores["score"]
+    result.metrics["image_auroc"], deployment_metrics(labels, scores, threshold)
     save_evaluation(result, out_dir / "mudenet" / category)
 
 Thresholds never come from test data: :func:`choose_threshold` uses the validation scores only, either a
@@ -176,7 +177,9 @@ def choose_threshold(labels, scores, cfg: ThresholdConfig = ThresholdConfig()) -
 
 
 def deployment_metrics(labels, scores, threshold: float) -> dict[str, float]:
-    """Test metrics at a threshold chosen beforehand: ``threshold``, ``{accuracy,precision,recall,f1}_at_threshold``.
+    """Test metrics at a threshold chosen beforehand: ``threshold`` and ``<metric>_at_threshold``.
+
+    The metrics are accuracy, precision, recall and F1 (:func:`mudenet_core.metrics.threshold_metrics`).
 
     Example:
         >>> deployment_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.35)["f1_at_threshold"]

@@ -1,4 +1,4 @@
-"""Learning curves of MuDeNet: validation and test metrics against stage-2 training steps, from one run.
+r"""Learning curves of MuDeNet: validation and test metrics against stage-2 training steps, from one run.
 
 The schedule of a profile is chosen on the *validation* curve (held-out normal images plus synthetic
 anomalies); the test curve is recorded beside it only to show how well validation tracks test, never to
@@ -29,8 +29,19 @@ import torch
 
 from mudenet_core import harness, io
 
-CURVE_COLUMNS = ["dataset", "category", "image_size", "seed", "step", "split", "metric", "value", "elapsed_s",
-                 "config_hash", "git_sha"]
+CURVE_COLUMNS = [
+    "dataset",
+    "category",
+    "image_size",
+    "seed",
+    "step",
+    "split",
+    "metric",
+    "value",
+    "elapsed_s",
+    "config_hash",
+    "git_sha",
+]
 CURVE_METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
@@ -38,8 +49,13 @@ class _CurveRecorder:
     """A MuDeNet fit callback: at the requested stage-2 steps, calibrate and score val and test sets."""
 
     def __init__(self, det, steps: Sequence[int], sets: dict, calib_ds, device):
-        self.det, self.steps, self.sets, self.calib_ds, self.device = det, set(int(s) for s in steps), sets, \
-            calib_ds, device
+        self.det, self.steps, self.sets, self.calib_ds, self.device = (
+            det,
+            set(int(s) for s in steps),
+            sets,
+            calib_ds,
+            device,
+        )
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
 
@@ -52,9 +68,15 @@ class _CurveRecorder:
             res = harness.evaluate(self.det, ds, device=self.device, show_progress=False)
             for k in CURVE_METRICS:
                 if k in res.metrics:
-                    self.rows.append({"step": int(step), "split": split, "metric": k,
-                                      "value": float(res.metrics[k]),
-                                      "elapsed_s": time.perf_counter() - self.t0})
+                    self.rows.append(
+                        {
+                            "step": int(step),
+                            "split": split,
+                            "metric": k,
+                            "value": float(res.metrics[k]),
+                            "elapsed_s": time.perf_counter() - self.t0,
+                        }
+                    )
         for m, t in modes.items():
             m.train(t)
 
@@ -63,8 +85,17 @@ class _CurveRecorder:
             self.record(step)
 
 
-def learning_curve(config, splits, val_set, *, steps: Sequence[int], seed: int = 0, device="cpu",
-                   show_progress: bool = True, test: bool = True) -> pd.DataFrame:
+def learning_curve(
+    config,
+    splits,
+    val_set,
+    *,
+    steps: Sequence[int],
+    seed: int = 0,
+    device="cpu",
+    show_progress: bool = True,
+    test: bool = True,
+) -> pd.DataFrame:
     """Train MuDeNet once for ``max(steps)`` stage-2 steps; metrics at every step in ``steps``.
 
     Args:
@@ -90,7 +121,9 @@ def learning_curve(config, splits, val_set, *, steps: Sequence[int], seed: int =
     sets = {"val": val_set, **({"test": splits.test} if test else {})}
     with tempfile.TemporaryDirectory() as ckpt:
         det = MuDeNet(cfg)
-        det.distill(splits.train, generator=g, device=device, show_progress=show_progress, checkpoint_dir=ckpt)
+        det.distill(
+            splits.train, generator=g, device=device, show_progress=show_progress, checkpoint_dir=ckpt
+        )
         rec = _CurveRecorder(det, steps, sets, splits.val, device)
         if 0 in steps:
             state = io.load_checkpoint(Path(ckpt) / MuDeNet.CHECKPOINT_NAME)
@@ -98,8 +131,16 @@ def learning_curve(config, splits, val_set, *, steps: Sequence[int], seed: int =
             det.nets.to(device)
             rec.record(0)
         if steps[-1] > 0:
-            det.fit(splits.train, splits.val, generator=g, device=device, show_progress=show_progress,
-                    checkpoint_dir=ckpt, resume=True, callback=rec)
+            det.fit(
+                splits.train,
+                splits.val,
+                generator=g,
+                device=device,
+                show_progress=show_progress,
+                checkpoint_dir=ckpt,
+                resume=True,
+                callback=rec,
+            )
     return pd.DataFrame(rec.rows, columns=["step", "split", "metric", "value", "elapsed_s"])
 
 
@@ -119,8 +160,15 @@ def curve_figure(df: pd.DataFrame, title: str = ""):
             for split, style in (("val", "-o"), ("test", "--s")):
                 pts = grp[grp["split"] == split].groupby("step")["value"].agg(["mean", "std"]).reset_index()
                 if len(pts):
-                    ax.errorbar(pts["step"], pts["mean"], yerr=pts["std"].fillna(0), fmt=style, ms=3,
-                                capsize=2, label=f"{label} {split}".strip())
+                    ax.errorbar(
+                        pts["step"],
+                        pts["mean"],
+                        yerr=pts["std"].fillna(0),
+                        fmt=style,
+                        ms=3,
+                        capsize=2,
+                        label=f"{label} {split}".strip(),
+                    )
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("stage-2 steps")
         ax.grid(alpha=0.3)
@@ -132,7 +180,9 @@ def curve_figure(df: pd.DataFrame, title: str = ""):
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m mudenet_core.learning_curves``."""
-    p = argparse.ArgumentParser(prog="python -m mudenet_core.learning_curves", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mudenet_core.learning_curves", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-root", default="", help="folder holding the categories ('' = generated dataset)")
     p.add_argument("--category", default="plate")
@@ -152,18 +202,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mudenet_core import experiment, viz
 
     args = build_parser().parse_args(argv)
-    cfg = experiment.method_config("mudenet", args.profile, image_size=args.image_size,
-                                   overrides=list(args.overrides) or None)
+    cfg = experiment.method_config(
+        "mudenet", args.profile, image_size=args.image_size, overrides=list(args.overrides) or None
+    )
     frames = []
     name = f"{args.dataset}_{args.category}_{cfg.image_size}px"
     out_csv = args.out / f"{name}.csv"
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            run, _, device = experiment.start_run(tmp, dataset=args.dataset, category=args.category, seed=seed)
+            run, _, device = experiment.start_run(
+                tmp, dataset=args.dataset, category=args.category, seed=seed
+            )
             splits = experiment.build_splits(run, args.data_root, cfg.image_size)
             val_set = experiment.build_validation(splits, args.texture_dir)
-            df = learning_curve(cfg, splits, val_set, steps=args.steps, seed=seed, device=device,
-                                test=not args.no_test)
+            df = learning_curve(
+                cfg, splits, val_set, steps=args.steps, seed=seed, device=device, test=not args.no_test
+            )
         df.insert(0, "seed", seed)
         df.insert(0, "image_size", cfg.image_size)
         df.insert(0, "category", args.category)
@@ -171,11 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         df["config_hash"], df["git_sha"] = cfg.config_hash(), io.git_sha()
         frames.append(df)
         io.save_csv(out_csv, pd.concat(frames, ignore_index=True)[CURVE_COLUMNS])  # after every seed
-        print(df[df["metric"] == "image_auroc"].pivot_table(index="step", columns="split", values="value"),
-              flush=True)
+        print(
+            df[df["metric"] == "image_auroc"].pivot_table(index="step", columns="split", values="value"),
+            flush=True,
+        )
     all_rows = pd.concat(frames, ignore_index=True)
-    viz.save_figure(curve_figure(all_rows, title=f"{args.dataset}/{args.category}, {cfg.image_size} px"),
-                    args.out / f"{name}.png")
+    viz.save_figure(
+        curve_figure(all_rows, title=f"{args.dataset}/{args.category}, {cfg.image_size} px"),
+        args.out / f"{name}.png",
+    )
     print(f"wrote {out_csv}")
     return 0
 

@@ -36,7 +36,7 @@ class DistillConfig(ConfigBase):
     batch_size: int = 8  # images per step
     weight_decay: float = 0.0  # Adam weight decay
     # category's training images, a folder of generic images, or both (the folder shows the teacher the
-    # backbone's response to colours and textures the category never has: results/cpu/mudenet_design.md)
+    # backbone's response to colours and textures the category never has; off in every profile)
     source: Literal["train", "folder", "train+folder"] = "train"
     folder: str | None = None  # images for source "folder" / "train+folder" (relative: to the repo root)
     max_images: int = 0  # cap on folder images (training images for source "train"); 0 = all

@@ -1,4 +1,4 @@
-"""Result tables and the static HTML index: everything here reads tidy CSVs only, never models.
+"""Result tables: everything here reads tidy CSVs only, never models.
 
 Every table is *tidy*: one row per measurement with the columns of :data:`TIDY_COLUMNS` (tables of
 ablations add ``ablation`` and ``variant``). ``split`` says which images a number was measured on: ``val``
@@ -19,6 +19,9 @@ reference run; every function takes the profile folder as a parameter)::
     categories/<dataset>/<category>/index.html         one page per category (:mod:`category_report`)
     index.html                                         static page: headline tables + links
 
+Beside this module: :mod:`mudenet_core.published` (the published numbers, "paper vs ours") and
+:mod:`mudenet_core.report_html` (the static HTML: ``index.html`` and the helpers the category pages share).
+
 Example:
     >>> df = pd.DataFrame({"method": "m", "dataset": "d", "category": "c", "seed": [0, 1, 2], "split": "test",
     ...                    "metric": "image_auroc", "value": [0.9, 0.8, 1.0],
@@ -30,11 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import html
-import json
-import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+import importlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -103,70 +103,6 @@ class ReportError(ValueError):
 def metric_label(metric: str) -> str:
     """The display name of a metric (``"image AUROC"``); unknown metrics keep their name."""
     return METRIC_LABELS.get(metric, metric)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Published numbers ("paper vs ours"). One source per row; each row says which config of ours it may be set
-# beside (``match``: keys that our run's config must have with these values). Only numbers transcribed with
-# confidence; a number we could not verify offline is left out rather than guessed (e.g. PaDiM-R18-Rd100 and
-# the image AUROC of PaDiM-WR50-Rd550).
-# ----------------------------------------------------------------------------------------------------
-_PADIM_WR50 = {
-    "method": "padim",
-    "config": "PaDiM-WR50-Rd550",
-    "match": {"backbone": "wide_resnet50_2", "n_features": 550},
-    "dataset": "mvtec_ad",
-    "category": "",
-    "protocol": "mean over the 15 MVTec AD categories; WRN50 layer1-3, 550 random channels; 256 px resized, "
-    "224 px center crop; one run",
-}
-_PATCHCORE_10 = {
-    "method": "patchcore",
-    "config": "PatchCore-10% (WRN50 layer2+3)",
-    "match": {"backbone": "wide_resnet50_2", "coreset_ratio": 0.1},
-    "dataset": "mvtec_ad",
-    "category": "",
-    "protocol": "mean over the 15 MVTec AD categories; WRN50 layer2+3, 10% greedy coreset; 256 px resized, "
-    "224 px center crop; one run",
-}
-_MUDENET_CABLE = {
-    "method": "mudenet",
-    "config": "MuDeNet (paper settings)",
-    "match": {"backbone": "wide_resnet50_2"},
-    "dataset": "mvtec_ad",
-    "category": "cable",
-    "protocol": "MVTec AD cable only, the paper's settings",
-}
-PUBLISHED: list[dict] = [
-    {**_PADIM_WR50, "metric": "pixel_auroc", "value": 97.5,
-     "source": "Defard et al., PaDiM, ICPR 2021 workshops (arXiv:2011.08785), Table 2"},
-    {**_PADIM_WR50, "metric": "au_pro", "value": 92.1,
-     "source": "Defard et al., PaDiM, ICPR 2021 workshops (arXiv:2011.08785), Table 2"},
-    {**_PATCHCORE_10, "metric": "image_auroc", "value": 99.0,
-     "source": "Roth et al., Towards Total Recall in Industrial Anomaly Detection, CVPR 2022 "
-     "(arXiv:2106.08265), Table 1"},
-    {**_PATCHCORE_10, "metric": "pixel_auroc", "value": 98.1,
-     "source": "Roth et al., CVPR 2022 (arXiv:2106.08265), Table 2"},
-    {**_MUDENET_CABLE, "metric": "image_auroc", "value": 98.9,
-     "source": "MuDeNet (Campos-Romero et al., Information Fusion 132, 2026), cable; via the public "
-     "reproduction's notes"},
-    {**_MUDENET_CABLE, "metric": "pixel_auroc", "value": 98.3,
-     "source": "MuDeNet (Campos-Romero et al., Information Fusion 132, 2026), cable; via the public "
-     "reproduction's notes"},
-    {**_MUDENET_CABLE, "metric": "au_pro", "value": 90.6,
-     "source": "MuDeNet (Campos-Romero et al., Information Fusion 132, 2026), cable; via the public "
-     "reproduction's notes"},
-]
-PUBLISHED_COLUMNS = [
-    "method", "config", "match", "dataset", "category", "metric", "value", "source", "protocol"
-]
-# categories behind a published mean (category "")
-PUBLISHED_CATEGORY_COUNT = {"mvtec_ad": 15}
-
-
-def published_table() -> pd.DataFrame:
-    """The published reference numbers as a DataFrame (values in percent; ``category`` "" = dataset mean)."""
-    return pd.DataFrame(PUBLISHED, columns=PUBLISHED_COLUMNS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,186 +411,6 @@ def ablation_table(df: pd.DataFrame, metric: str = "image_auroc", split: Split =
 
 
 # ----------------------------------------------------------------------------------------------------
-# Paper vs ours
-# ----------------------------------------------------------------------------------------------------
-def run_configs(profile_dir: str | Path) -> pd.DataFrame:
-    """The config of every evaluated method, from ``runs/*/*/seed*/eval/<method>/metrics.json``.
-
-    Returns:
-        one row per (method, config_hash): columns ``method, config_hash, config`` (the config as a dict).
-    """
-    rows, seen = [], set()
-    for p in sorted(Path(profile_dir).glob("runs/*/*/seed*/eval/*/metrics.json")):
-        try:
-            info = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        key = (p.parent.name, str(info.get("config_hash", "")))
-        if key in seen or not isinstance(info.get("config"), dict):
-            continue
-        seen.add(key)
-        rows.append({"method": key[0], "config_hash": key[1], "config": info["config"]})
-    return pd.DataFrame(rows, columns=["method", "config_hash", "config"])
-
-
-def _lookup(config: Mapping, key: str):
-    cur = config
-    for part in key.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def config_matches(config: Mapping, match: Mapping) -> bool:
-    """True when every (dotted) key of ``match`` has that value in ``config`` (floats compared closely).
-
-    Example:
-        >>> config_matches({"backbone": "resnet18", "train": {"lr": 0.001}}, {"train.lr": 1e-3})
-        True
-        >>> config_matches({"backbone": "resnet18"}, {"backbone": "wide_resnet50_2"})
-        False
-    """
-    for key, want in match.items():
-        got = _lookup(config, key)
-        if isinstance(want, float) or isinstance(got, float):
-            try:
-                if not math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=1e-12):
-                    return False
-            except (TypeError, ValueError):
-                return False
-        elif got != want:
-            return False
-    return True
-
-
-def describe_config(method: str, config: Mapping, keys: Sequence[str] = (), *, profile: str = "") -> str:
-    """``"padim · profile paper · backbone=resnet18, n_features=100, image_size=256"``."""
-    shown = list(dict.fromkeys(["backbone", *keys, "image_size"]))
-    parts = [f"{k}={_lookup(config, k)}" for k in shown if _lookup(config, k) is not None]
-    head = f"{method} · profile {profile}" if profile else method
-    return head + (" · " + ", ".join(parts) if parts else "")
-
-
-PVO_COLUMNS = [
-    "method",
-    "published_config",
-    "dataset",
-    "category",
-    "metric",
-    "paper",
-    "ours",
-    "ours_std",
-    "n_seeds",
-    "n_categories",
-    "n_categories_paper",
-    "delta",
-    "ours_config",
-    "source",
-]
-
-
-def paper_vs_ours(
-    df: pd.DataFrame,
-    configs: pd.DataFrame | None = None,
-    published: pd.DataFrame | None = None,
-    *,
-    profile: str = "",
-    metrics: Sequence[str] = HEADLINE_METRICS,
-) -> pd.DataFrame:
-    """Each published number beside our test-split result with a matching config (values in percent).
-
-    A published row is compared with our runs of the same method, dataset (and category, when the row is
-    about one category) whose config (``configs``, see :func:`run_configs`) matches the row's ``match`` keys;
-    one output row per matching config hash. ``ours`` is the category mean per seed, then the mean over
-    seeds, and ``delta = ours - paper``. A published row without a matching result keeps ``ours`` (and
-    ``delta``) NaN, so the caller can say what is published but not run (:func:`render_paper_vs_ours`).
-
-    Returns:
-        columns of :data:`PVO_COLUMNS`.
-    """
-    published = published_table() if published is None else published
-    published = published[published["metric"].isin(metrics)]
-    d = ensure_split(df)
-    d = d[(d["split"] == "test") & d["metric"].isin(metrics)] if not d.empty else d
-    configs = configs if configs is not None else pd.DataFrame(columns=["method", "config_hash", "config"])
-    out = []
-    for pub in published.itertuples(index=False):
-        cat = str(pub.category or "")
-        base = {
-            "method": pub.method,
-            "published_config": pub.config,
-            "dataset": pub.dataset,
-            "category": cat,
-            "metric": pub.metric,
-            "paper": float(pub.value),
-            "n_categories_paper": 1 if cat else PUBLISHED_CATEGORY_COUNT.get(pub.dataset, np.nan),
-            "source": pub.source,
-        }
-        match = dict(pub.match or {})
-        hashes = {
-            str(c.config_hash): c.config
-            for c in configs.itertuples(index=False)
-            if c.method == pub.method and config_matches(c.config, match)
-        }
-        ours = d[(d["method"] == pub.method) & (d["dataset"] == pub.dataset) & (d["metric"] == pub.metric)]
-        if cat:
-            ours = ours[ours["category"] == cat]
-        ours = ours[ours["config_hash"].astype(str).isin(hashes)]
-        if ours.empty:
-            out.append({**base, "ours": np.nan, "ours_std": np.nan, "n_seeds": 0, "n_categories": 0,
-                        "delta": np.nan, "ours_config": ""})
-            continue
-        for h, part in ours.groupby(ours["config_hash"].astype(str), sort=True):
-            m = mean_over_categories(part, by=("method", "metric")).iloc[0]
-            value = float(m["mean"]) * 100.0
-            out.append({
-                **base,
-                "ours": value,
-                "ours_std": float(m["std"]) * 100.0,
-                "n_seeds": int(m["n"]),
-                "n_categories": int(m["n_categories"]),
-                "delta": value - float(pub.value),
-                "ours_config": describe_config(pub.method, hashes[h], list(match), profile=profile),
-            })
-    return pd.DataFrame(out, columns=PVO_COLUMNS)
-
-
-def render_paper_vs_ours(pvo: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The display table (only rows that compare something) and a sentence on what is published but not run.
-
-    Returns:
-        (table with formatted cells, sentence); the sentence is "" when every published row has ours.
-    """
-    cols = ["method", "published config", "our config", "dataset", "categories", "metric", "paper", "ours",
-            "Δ (ours − paper)", "seeds", "source"]
-    shown = pvo[pvo["ours"].notna()] if not pvo.empty else pvo
-    rows = []
-    for r in shown.itertuples(index=False):
-        std = f" ± {r.ours_std:.1f}" if np.isfinite(r.ours_std) else ""
-        n_paper = "" if not np.isfinite(r.n_categories_paper) else f" of {int(r.n_categories_paper)}"
-        cats = r.category if r.category else f"{int(r.n_categories)}{n_paper} (mean)"
-        rows.append([r.method, r.published_config, r.ours_config, r.dataset, cats, metric_label(r.metric),
-                     f"{r.paper:.1f}", f"{r.ours:.1f}{std}", f"{r.delta:+.1f}", int(r.n_seeds), r.source])
-    table = pd.DataFrame(rows, columns=cols)
-    missing = pvo[pvo["ours"].isna()] if not pvo.empty else pvo
-    if missing.empty:
-        return table, ""
-    groups = []
-    for (cfg, ds, cat, src), part in missing.groupby(
-        ["published_config", "dataset", "category", "source"], sort=False
-    ):
-        n = PUBLISHED_CATEGORY_COUNT.get(ds, "all")
-        where = f"{ds}, {cat}" if cat else f"{ds}, mean of {n} categories"
-        pairs = zip(part["metric"], part["paper"], strict=True)
-        nums = ", ".join(f"{metric_label(m)} {v:.1f}" for m, v in pairs)
-        groups.append(f"{cfg} ({where}): {nums} [{src}]")
-    sentence = ("Published but not run here (no result of ours with a matching method, config and dataset): "
-                + "; ".join(groups) + ".")
-    return table, sentence
-
-
-# ----------------------------------------------------------------------------------------------------
 # Building the profile tables from the per-run CSVs
 # ----------------------------------------------------------------------------------------------------
 def run_csvs(profile_dir: str | Path, name: str) -> list[Path]:
@@ -715,11 +471,12 @@ def to_markdown(df: pd.DataFrame, index: bool = True) -> str:
     cols = [str(c) for c in d.columns]
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     for row in d.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt_cell(v) for v in row) + " |")
+        lines.append("| " + " | ".join(format_cell(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _fmt_cell(v) -> str:
+def format_cell(v) -> str:
+    """A table cell as text: floats with one digit (empty for NaN), anything else as ``str``."""
     if isinstance(v, float):
         return "" if not np.isfinite(v) else f"{v:.1f}"
     return str(v)
@@ -846,7 +603,10 @@ def write_rendered_tables(profile_dir: str | Path, *, profile: str = "") -> list
                         f"# {ds}: {metric} on test (mean ± std over seeds, %)\n\n{to_markdown(t)}",
                     )
                 )
-    table, sentence = render_paper_vs_ours(paper_vs_ours(metrics, run_configs(profile_dir), profile=profile))
+    from mudenet_core import published  # here, not at the top: published imports this module
+
+    pvo = published.paper_vs_ours(metrics, published.run_configs(profile_dir), profile=profile)
+    table, sentence = published.render_paper_vs_ours(pvo)
     out.append(
         atomic_write_text(
             tables / "paper_vs_ours.md",
@@ -872,157 +632,26 @@ def write_rendered_tables(profile_dir: str | Path, *, profile: str = "") -> list
 
 
 # ----------------------------------------------------------------------------------------------------
-# HTML index
+# Names that moved to their own modules, still reachable as ``report.<name>``
 # ----------------------------------------------------------------------------------------------------
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
-color:#222;line-height:1.4;padding:0 1rem}
-h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}h3{font-size:1.05rem}
-table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.9rem}
-th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-tr.mean td{font-weight:bold;background:#fafafa}
-.note{color:#555;font-size:.85rem}img{max-width:100%;border:1px solid #eee;margin:.3rem 0}
-code{background:#f5f5f5;padding:0 .2rem}ul.runs{columns:2}figure{display:inline-block;margin:.3rem}
-"""
-_CSS = CSS  # backwards-compatible name
+_MOVED = {
+    **dict.fromkeys(
+        ("PUBLISHED", "PUBLISHED_COLUMNS", "PUBLISHED_CATEGORY_COUNT", "PVO_COLUMNS", "published_table",
+         "run_configs", "config_matches", "describe_config", "paper_vs_ours", "render_paper_vs_ours"),
+        "mudenet_core.published",
+    ),
+    **dict.fromkeys(
+        ("CSS", "_CSS", "html_table", "html_page", "category_pages", "write_index"),
+        "mudenet_core.report_html",
+    ),
+}
 
 
-def html_table(df: pd.DataFrame, *, table_id: str = "", index: bool = True) -> str:
-    """A small static HTML table (escaped), bold "Mean" row."""
-    if df.empty:
-        return '<p class="note">(no data)</p>'
-    d = df.reset_index() if index else df
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in d.columns)
-    body = []
-    for row in d.itertuples(index=False):
-        cls = ' class="mean"' if str(row[0]) == "Mean" else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_fmt_cell(v))}</td>" for v in row) + "</tr>")
-    tid = f' id="{html.escape(table_id)}"' if table_id else ""
-    return f"<table{tid}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def __getattr__(name: str):
+    """``report.paper_vs_ours`` and the other moved names, imported on first use.
 
-
-def html_page(title: str, body: Sequence[str]) -> str:
-    """A complete static HTML page with the shared inline CSS."""
-    return (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-
-
-def category_pages(profile_dir: str | Path) -> list[Path]:
-    """The category pages of a profile (``categories/<dataset>/<category>/index.html``), sorted."""
-    return sorted(Path(profile_dir).glob("categories/*/*/index.html"))
-
-
-def write_index(
-    profile_dir: str | Path,
-    *,
-    title: str = "MuDeNet workbook results",
-    manifest: dict | None = None,
-    protocol: str = "",
-) -> Path:
-    """Write ``<profile_dir>/index.html``, the static results page of a profile.
-
-    It holds the headline tables (val beside test), deployment vs oracle, per-category tables, links to the
-    category pages, paper vs ours, ablations, timings, figures and links to the rendered notebooks.
-
-    Reads only ``tables/*.csv``, ``figures/*.png``, the runs' ``eval/*/metrics.json`` (configs, for paper vs
-    ours) and the rendered pages (``**/*.html``). Static HTML with inline CSS, readable without Jupyter.
+    Lazily, because :mod:`mudenet_core.published` and :mod:`mudenet_core.report_html` import this module.
     """
-    profile_dir = Path(profile_dir)
-    profile = str((manifest or {}).get("profile", "")) or profile_dir.name
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    if manifest:
-        parts.append(
-            f"<p class='note'>profile <code>{html.escape(str(manifest.get('profile', '')))}</code>, "
-            f"git <code>{html.escape(str(manifest.get('git_sha', '')))}</code>, "
-            f"finished {html.escape(str(manifest.get('finished', '')))}</p>"
-        )
-    if protocol:
-        parts.append(f"<p class='note'>{html.escape(protocol)}</p>")
-    metrics = load_metric_tables(profile_dir) if (profile_dir / "tables").is_dir() else pd.DataFrame()
-    timings = load_timings(profile_dir)
-    pages = category_pages(profile_dir)
-    if metrics.empty:
-        parts.append("<p class='note'>No result tables yet.</p>")
-    else:
-        parts.append(f"<p class='note'>{html.escape(PROTOCOL_NOTE)}</p>")
-        for ds in sorted(metrics["dataset"].unique()):
-            parts.append(f"<h2>{html.escape(ds)} — summary (mean over categories)</h2>")
-            head = headline_table(metrics, timings, dataset=ds)
-            parts.append(html_table(head, table_id=f"tbl-{ds}-headline"))
-            dep = deployment_table(metrics, dataset=ds)
-            if not dep.empty:
-                parts.append("<h3>Deployment: test metrics at the threshold calibrated on val, beside the "
-                             "oracle F1-max</h3>")
-                parts.append(html_table(dep, table_id=f"tbl-{ds}-deployment"))
-            ds_pages = [p for p in pages if p.parent.parent.name == ds]
-            if ds_pages:
-                parts.append(f"<p>Category pages (every method side by side, curves, hardest images):</p>"
-                             f"<ul class='runs' id='pages-{html.escape(ds)}'>")
-                for p in ds_pages:
-                    rel = os.path.relpath(p, profile_dir)
-                    parts.append(f"<li><a href='{html.escape(rel)}'>{html.escape(ds)} / "
-                                 f"{html.escape(p.parent.name)}</a></li>")
-                parts.append("</ul>")
-            for metric in HEADLINE_METRICS:
-                t = category_table(metrics, metric, dataset=ds)
-                if t.empty:
-                    continue
-                parts.append(f"<h3>{html.escape(ds)} — {html.escape(metric)} (test, per category)</h3>")
-                parts.append(html_table(t, table_id=f"tbl-{ds}-{metric}"))
-        pvo = paper_vs_ours(metrics, run_configs(profile_dir), profile=profile)
-        table, sentence = render_paper_vs_ours(pvo)
-        parts.append(
-            "<h2>Paper vs ours</h2><p class='note'>Test split, percent. Each row sets one published number "
-            "beside our runs of the same method with a matching config (named in 'our config') on the same "
-            "dataset; 'categories' says how many of the paper's categories our mean covers (a mean over "
-            "fewer categories is not the same quantity). One source per row.</p>"
-        )
-        if table.empty:
-            parts.append("<p class='note' id='tbl-paper-vs-ours'>No result of ours matches a published "
-                         "config.</p>")
-        else:
-            parts.append(html_table(table, table_id="tbl-paper-vs-ours", index=False))
-        if sentence:
-            parts.append(f"<p class='note' id='paper-not-run'>{html.escape(sentence)}</p>")
-    abl_path = profile_dir / "tables" / "ablations.csv"
-    if abl_path.is_file():
-        abl = read_tidy([abl_path], columns=ABLATION_COLUMNS)
-        for metric in ("image_auroc", "pixel_auroc"):
-            t = ablation_table(abl, metric)
-            if not t.empty:
-                parts.append(f"<h2>Ablations — {html.escape(metric)} (test, mean over categories)</h2>")
-                parts.append(html_table(t, table_id=f"tbl-ablations-{metric}"))
-    t = timings_table(timings)
-    if not t.empty:
-        parts.append("<h2>Timings (mean over categories)</h2>")
-        parts.append(html_table(t, table_id="tbl-timings"))
-    figs = sorted((profile_dir / "figures").glob("*.png"))
-    if figs:
-        parts.append("<h2>Figures</h2>")
-        for f in figs:
-            rel = os.path.relpath(f, profile_dir)
-            parts.append(
-                f"<figure><img src='{html.escape(rel)}' alt='{html.escape(f.stem)}'>"
-                f"<figcaption class='note'>{html.escape(f.name)}</figcaption></figure>"
-            )
-    reports = sorted(
-        p for p in profile_dir.rglob("*.html")
-        if p.name != "index.html" and "categories" not in p.relative_to(profile_dir).parts[:1]
-    )
-    if reports:
-        parts.append("<h2>Notebook reports (with code)</h2><ul class='runs'>")
-        for p in reports:
-            rel = os.path.relpath(p, profile_dir)
-            parts.append(f"<li><a href='{html.escape(rel)}'>{html.escape(rel)}</a></li>")
-        parts.append("</ul>")
-    tables = sorted((profile_dir / "tables").glob("*.csv")) if (profile_dir / "tables").is_dir() else []
-    if tables:
-        parts.append("<h2>Tables (tidy CSV)</h2><ul>")
-        for p in tables:
-            rel = os.path.relpath(p, profile_dir)
-            parts.append(f"<li><a href='{html.escape(rel)}'>{html.escape(rel)}</a></li>")
-        parts.append("</ul>")
-    return atomic_write_text(profile_dir / "index.html", html_page(title, parts))
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

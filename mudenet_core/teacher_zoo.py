@@ -370,7 +370,8 @@ def distill_generic_teacher(
         resume: continue from ``work_dir/last.pt`` (same config required); starts afresh when absent.
         overwrite: allow replacing an existing ``out_path`` or, without ``resume``, a checkpoint.
         max_minutes: stop at the first checkpoint after this much wall time (then rerun with ``resume``).
-        command: the command line to record in the file.
+        command: the command line to record in the file (without the resume flag: resumes are recorded as
+            ``resumed_at``, the steps they started from; they do not change the result).
         show_progress: progress bar.
         log: where progress messages go.
 
@@ -422,10 +423,12 @@ def distill_generic_teacher(
         teacher = DescriptorNet(cfg.width, cfg.out_channels, tuple(cfg.level_blocks),
                                 tuple(cfg.level_kernels))
     heldout: list[tuple[int, float]] = []
+    resumed_at: list[int] = []  # steps at which the run was resumed (recorded in the file)
     if resumed is not None:
         teacher.load_state_dict(resumed["state_dict"])
         generator.set_state(resumed["generator"])
         heldout = [tuple(r) for r in resumed["heldout"]]
+        resumed_at = [*resumed.get("resumed_at", []), int(resumed["loop_state"]["step"])]
     elif held is not None:
         heldout.append((0, distillation_quality(teacher, held, held_targets, cfg.eval_batch_size)["L_dist"]))
         log(f"held-out L_dist before distillation: {heldout[0][1]:.4f}")
@@ -442,7 +445,7 @@ def distill_generic_teacher(
                 f"(explained {q['explained']:.3f})")
         io.save_checkpoint(ckpt_path, state_dict=teacher.state_dict(), config=cfg, loop_state=loop_state,
                            generator=generator.get_state(), target_mean=targets.mean, target_std=targets.std,
-                           heldout=heldout)
+                           heldout=heldout, resumed_at=resumed_at)
 
     def budget(stage: str, step: int, losses: dict) -> None:
         spent = (time.perf_counter() - t_wall) / 60.0
@@ -475,6 +478,7 @@ def distill_generic_teacher(
         "train_time_s": float(dlog["time_s"]),
         "heldout_L_dist": [[int(s), float(v)] for s, v in heldout],
         "heldout_paths": [p.name for p in held_paths],
+        "resumed_at": resumed_at,
         "code_version": __import__("mudenet_core").__version__,
     }
     io.save_checkpoint(out_path, state_dict=teacher.state_dict(), config=cfg, **payload)

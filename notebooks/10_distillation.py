@@ -42,7 +42,7 @@ DATA_OVERRIDES: dict = {}  # DataConfig overrides, e.g. {"val_fraction": 0.2} (r
 import pandas as pd
 from IPython.display import display
 
-from mudenet_core import experiment, io, viz
+from mudenet_core import experiment, io, mudenet_figures, viz
 
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
@@ -69,10 +69,10 @@ display(experiment.show_figure(fig, run.figure("10_distill_loss.png")))
 # trained on). The per-level mean squared error on the validation split measures how well T imitates E.
 
 # %%
-det = experiment.load_distilled(run, device)
+det = mudenet_figures.load_distilled(run, device)
 val = experiment.stack_items(splits.val, range(min(2 if SMOKE else 3, len(splits.val))))
-targets, teacher = experiment.teacher_and_target(det, val["image"])
-fig = experiment.teacher_target_figure(targets, teacher, channel=0)
+targets, teacher = mudenet_figures.teacher_and_target(det, val["image"])
+fig = mudenet_figures.teacher_target_figure(targets, teacher, channel=0)
 display(experiment.show_figure(fig, run.figure("10_teacher_vs_target.png")))
 
 # %%

@@ -47,7 +47,7 @@ TEXTURE_DIR: str = ""  # texture images for the synthetic validation anomalies (
 import numpy as np
 from IPython.display import display
 
-from mudenet_core import experiment, train, viz
+from mudenet_core import experiment, mudenet_figures, train, viz
 from mudenet_core.data import denormalize
 from mudenet_core.mudenet import MuDeNet
 
@@ -68,7 +68,7 @@ examples = experiment.stack_items(splits.test, experiment.pick_examples(splits.i
 snap_path = run.checkpoint_dir("mudenet") / "snapshots.npz"
 steps_total = train.steps_for(len(splits.train), cfg.train.batch_size, cfg.train.epochs, cfg.train.steps)
 det = MuDeNet(cfg)
-snapshots = experiment.MapSnapshots(det, examples["image"], every=max(1, steps_total // 6))
+snapshots = mudenet_figures.MapSnapshots(det, examples["image"], every=max(1, steps_total // 6))
 det, info = experiment.fit_or_load("mudenet", cfg, splits, run, generator=generator, device=device,
                                    reuse=REUSE, resume=True, callback=snapshots, detector=det, val_set=val_set)
 if not info["loaded"]:
@@ -89,7 +89,7 @@ display(experiment.show_figure(fig, run.figure("20_loss_curves.png")))
 # %%
 if snap_path.is_file():  # absent when a model trained elsewhere was loaded
     snap = np.load(snap_path)
-    fig = experiment.snapshot_figure(snap["steps"], snap["maps"], image=len(examples["label"]) - 1)
+    fig = mudenet_figures.snapshot_figure(snap["steps"], snap["maps"], image=len(examples["label"]) - 1)
     display(experiment.show_figure(fig, run.figure("20_maps_during_training.png")))
 
 # %% [markdown]

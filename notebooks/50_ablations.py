@@ -50,6 +50,7 @@ import pandas as pd
 from IPython.display import display
 
 from mudenet_core import experiment, io, report
+from mudenet_core.ablations import run_scoring_ablations, scoring_variants
 
 # %%
 run, generator, device = experiment.start_run(OUT_DIR, dataset=DATASET, category=CATEGORY, seed=SEED, device=DEVICE)
@@ -67,10 +68,10 @@ print(base)
 # validation numbers, and none of these rows is a headline result.
 
 # %%
-variants = experiment.scoring_variants(base, branches=BRANCHES, level_sets=LEVEL_SETS,
-                                       normalizations=NORMALIZATIONS, blur_sigmas=BLUR_SIGMAS)
-ablations = experiment.run_scoring_ablations(det, splits, run, variants, config_hash=det.config.config_hash(),
-                                             val_set=val_set)
+variants = scoring_variants(base, branches=BRANCHES, level_sets=LEVEL_SETS,
+                            normalizations=NORMALIZATIONS, blur_sigmas=BLUR_SIGMAS)
+ablations = run_scoring_ablations(det, splits, run, variants, config_hash=det.config.config_hash(),
+                                  val_set=val_set)
 
 # %% [markdown]
 # ## Latent size Z (retraining)
@@ -80,8 +81,8 @@ for z in LATENT_SIZES:
     cfg_z = det.config.replace(latent_dim=int(z))
     det_z, _ = experiment.fit_or_load("mudenet", cfg_z, splits, run, generator=generator, device=device,
                                       reuse=REUSE, name=f"mudenet_z{z}")
-    rows = experiment.run_scoring_ablations(det_z, splits, run, [("latent_dim", str(z), det_z.config.scoring)],
-                                            config_hash=cfg_z.config_hash(), val_set=val_set)
+    rows = run_scoring_ablations(det_z, splits, run, [("latent_dim", str(z), det_z.config.scoring)],
+                                 config_hash=cfg_z.config_hash(), val_set=val_set)
     ablations = pd.concat([ablations, rows], ignore_index=True)
 io.save_csv(run.table("ablations.csv"), ablations)
 

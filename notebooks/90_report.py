@@ -40,7 +40,7 @@ from pathlib import Path
 
 from IPython.display import HTML, Markdown, display
 
-from mudenet_core import category_report, report
+from mudenet_core import category_report, published, report
 
 # %% tags=["hide_input"]
 out = Path(OUT_DIR)
@@ -94,8 +94,8 @@ display(HTML("<ul>" + "".join(f"<li><code>{p.relative_to(out)}</code></li>" for 
 # rows that compare nothing are not shown, and the sentence below the table lists what is published but not run.
 
 # %%
-table, not_run = report.render_paper_vs_ours(
-    report.paper_vs_ours(metrics, report.run_configs(out), profile=PROFILE))
+table, not_run = published.render_paper_vs_ours(
+    published.paper_vs_ours(metrics, published.run_configs(out), profile=PROFILE))
 display(table if not table.empty else Markdown("_No result of ours matches a published config._"))
 if not_run:
     display(Markdown(not_run))

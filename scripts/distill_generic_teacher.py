@@ -90,7 +90,9 @@ def cmd_distill(args, argv: list[str]) -> int:
                                          out_channels=cfg.out_channels, width=cfg.width)
     out = Path(args.out) if args.out else teacher_zoo.WEIGHTS_DIR / name
     work = Path(args.work_dir) if args.work_dir else REPO / "work_dirs" / "generic_teacher" / out.stem
-    command = " ".join(["python", "scripts/distill_generic_teacher.py", *map(shlex.quote, argv)])
+    # the reproducing command: resuming (recorded as the file's resumed_at) does not change the result
+    command = " ".join(["python", "scripts/distill_generic_teacher.py",
+                        *map(shlex.quote, [a for a in argv if a != "--resume"])])
     print(f"config: {cfg.to_dict()}", flush=True)
     res = teacher_zoo.distill_generic_teacher(
         cfg, out, work_dir=work, resume=args.resume, overwrite=args.overwrite, max_minutes=args.max_minutes,

@@ -255,7 +255,8 @@ def grid_to_image(maps: torch.Tensor, stride: int, size: tuple[int, int]) -> tor
     assert maps.ndim == 4, f"expected (B, C, h, w), got {tuple(maps.shape)}"
     size = (int(size[0]), int(size[1]))
     grid = tuple(-(-n // stride) for n in size)
-    assert tuple(maps.shape[-2:]) == grid, f"a stride-{stride} grid of {size} is {grid}, got {tuple(maps.shape)}"
+    assert tuple(maps.shape[-2:]) == grid, (
+        f"a stride-{stride} grid of {size} is {grid}, got {tuple(maps.shape)}")
     if stride == 1:
         return maps
 
@@ -587,7 +588,8 @@ def random_window(
 
     The window is ``n = ceil(crop / stride)`` outputs square, its top-left output drawn uniformly from
     ``-(n - 1) .. n_out - 1`` (``n_out = ceil(H / stride)`` outputs per side) and then intersected with the
-    image. Every output position therefore lies in exactly ``n`` of the ``n_out + n - 1`` offsets per axis, the
+    image. Every output position therefore lies in exactly ``n`` of the ``n_out + n - 1`` offsets per axis,
+    the
     same for border and centre pixels. (Drawing only windows that fit inside the image, as before, trained the
     outputs at the image border up to 1 / n as often as the centre ones: 1/48 for p = 17, 48 px crops, so the
     students never learnt the periphery and the maps lit up there.) Offsets are multiples of ``stride``, so a

@@ -75,10 +75,12 @@ class SynthesisConfig(ConfigBase):
         if not 0 <= self.min_scale_exp <= self.max_scale_exp <= 10:
             raise ConfigError(
                 "SynthesisConfig: need 0 <= min_scale_exp <= max_scale_exp <= 10, got "
-                f"{self.min_scale_exp}, {self.max_scale_exp}")
+                f"{self.min_scale_exp}, {self.max_scale_exp}"
+            )
         if not 0.0 < self.beta_min <= self.beta_max < 1.0:
-            raise ConfigError(f"SynthesisConfig: need 0 < beta_min <= beta_max < 1, got {self.beta_min}, "
-                              f"{self.beta_max}")
+            raise ConfigError(
+                f"SynthesisConfig: need 0 < beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}"
+            )
         if not 0 <= self.n_texture_augs <= N_TEXTURE_AUGS:
             raise ConfigError(f"SynthesisConfig.n_texture_augs must be in [0, 9], got {self.n_texture_augs}")
         if self.feature_stride < 1 or self.max_tries < 1:
@@ -103,7 +105,8 @@ def derived_generator(*key: object) -> torch.Generator:
     Example:
         >>> a = torch.rand(2, generator=derived_generator(0, "val", 3))
         >>> b = torch.rand(2, generator=derived_generator(0, "val", 3))
-        >>> bool(torch.equal(a, b)), bool(torch.equal(a, torch.rand(2, generator=derived_generator(0, "val", 4))))
+        >>> c = torch.rand(2, generator=derived_generator(0, "val", 4))
+        >>> bool(torch.equal(a, b)), bool(torch.equal(a, c))
         (True, False)
     """
     digest = hashlib.sha256("|".join(map(str, key)).encode()).digest()
@@ -112,7 +115,7 @@ def derived_generator(*key: object) -> torch.Generator:
 
 # ------------------------------------------------------------------------------------------ Perlin masks
 def _fade(t: torch.Tensor) -> torch.Tensor:
-    return ((6 * t - 15) * t + 10) * t ** 3
+    return ((6 * t - 15) * t + 10) * t**3
 
 
 def perlin_noise(size: tuple[int, int], res: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -154,7 +157,9 @@ def _rotate_zero_fill(x: torch.Tensor, angle_deg: float) -> torch.Tensor:
     a = math.radians(angle_deg)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])[None]
     grid = F.affine_grid(theta, [1, 1, *x.shape], align_corners=False)
-    return F.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
+    return F.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+        0, 0
+    ]
 
 
 def feature_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
@@ -218,8 +223,10 @@ def perlin_mask_and_kind(
     for _ in range(cfg.max_tries):
         masks = []
         for _k in range(2):
-            res = (2 ** _randint(generator, cfg.min_scale_exp, cfg.max_scale_exp),
-                   2 ** _randint(generator, cfg.min_scale_exp, cfg.max_scale_exp))
+            res = (
+                2 ** _randint(generator, cfg.min_scale_exp, cfg.max_scale_exp),
+                2 ** _randint(generator, cfg.min_scale_exp, cfg.max_scale_exp),
+            )
             noise = perlin_noise((h, w), res, generator)
             angle = _uniform(generator, -cfg.rotate_deg, cfg.rotate_deg)
             masks.append((_rotate_zero_fill(noise, angle) > cfg.threshold).float())
@@ -284,7 +291,9 @@ def _resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
     out = (max(size, round(h * s)), max(size, round(w * s)))
     if out == (h, w):
         return x
-    return F.interpolate(x[None], size=out, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    return F.interpolate(x[None], size=out, mode="bilinear", align_corners=False, antialias=True)[0].clamp(
+        0, 1
+    )
 
 
 def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -305,8 +314,11 @@ class TextureFolder:
         self.folder = Path(folder).expanduser()
         if not self.folder.is_dir():
             raise DataError(f"texture folder not found: {self.folder}")
-        self.paths = sorted(p for p in self.folder.rglob("*")
-                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.paths = sorted(
+            p
+            for p in self.folder.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not self.paths:
             raise DataError(f"no images under texture folder {self.folder}")
         self.size = int(size)
@@ -338,7 +350,10 @@ def self_texture(pool: torch.Tensor, exclude: int, generator: torch.Generator) -
     j = _randint(generator, 0, n - 1)
     if n > 1 and j == exclude:
         j = (j + 1 + _randint(generator, 0, n - 2)) % n
-    ch, cw = _randint(generator, max(4, h // 8), max(4, h // 2)), _randint(generator, max(4, w // 8), max(4, w // 2))
+    ch, cw = (
+        _randint(generator, max(4, h // 8), max(4, h // 2)),
+        _randint(generator, max(4, w // 8), max(4, w // 2)),
+    )
     top, left = _randint(generator, 0, h - ch), _randint(generator, 0, w - cw)
     crop = pool[j, :, top : top + ch, left : left + cw]
     tiles = crop.repeat(1, math.ceil(h / ch), math.ceil(w / cw))[:, :h, :w]
@@ -354,7 +369,7 @@ def draw_texture(
     generator: torch.Generator,
     exclude: int = -1,
 ) -> torch.Tensor:
-    """One augmented texture (3, H, W): from a :class:`TextureFolder`, or a self-texture from a pool tensor."""
+    """One augmented texture (3, H, W): from a :class:`TextureFolder`, or a self-texture from a pool."""
     if isinstance(source, TextureFolder):
         t = source[_randint(generator, 0, len(source) - 1)]
     else:
@@ -409,13 +424,19 @@ def synthesize(
         if source is None:
             raise ValueError("synthesize needs a texture or a texture source")
         texture = draw_texture(source, size, cfg, generator, exclude)
-    beta = float(np.clip(cfg.beta_mean + cfg.beta_std * float(torch.randn(1, generator=generator)),
-                         cfg.beta_min, cfg.beta_max))
+    beta = float(
+        np.clip(
+            cfg.beta_mean + cfg.beta_std * float(torch.randn(1, generator=generator)),
+            cfg.beta_min,
+            cfg.beta_max,
+        )
+    )
     return overlay(image, texture, mask, beta), mask
 
 
-def texture_source(cfg: SynthesisConfig, pool: torch.Tensor, size: int,
-                   base_dir: str | Path | None = None) -> TextureFolder | torch.Tensor:
+def texture_source(
+    cfg: SynthesisConfig, pool: torch.Tensor, size: int, base_dir: str | Path | None = None
+) -> TextureFolder | torch.Tensor:
     """The texture folder of ``cfg`` (relative paths: to ``base_dir``), or the normal-image pool."""
     if not cfg.texture_dir:
         return pool
@@ -454,8 +475,14 @@ class SyntheticAnomalySet(Dataset):
         show_progress: progress bar while generating.
     """
 
-    def __init__(self, normal, cfg: ValidationConfig = ValidationConfig(), *, base_dir: str | Path | None = None,
-                 show_progress: bool = False):
+    def __init__(
+        self,
+        normal,
+        cfg: ValidationConfig = ValidationConfig(),
+        *,
+        base_dir: str | Path | None = None,
+        show_progress: bool = False,
+    ):
         n = len(normal)
         if n == 0:
             raise DataError("synthetic validation set: the validation split holds no normal image")
@@ -474,16 +501,32 @@ class SyntheticAnomalySet(Dataset):
         for i, it in enumerate(items):
             images.append(pool[i])
             masks.append(torch.zeros(1, *pool.shape[-2:]))
-            rows.append({"image_path": it["path"], "mask_path": "", "label": 0, "defect_type": "good",
-                         "category": it["category"], "split": "val"})
+            rows.append(
+                {
+                    "image_path": it["path"],
+                    "mask_path": "",
+                    "label": 0,
+                    "defect_type": "good",
+                    "category": it["category"],
+                    "split": "val",
+                }
+            )
         todo = [(i, j) for j in range(self.per_image) for i in range(n)]
         for i, j in progress(todo, desc="synthetic validation anomalies", enabled=show_progress):
             g = derived_generator(cfg.seed, i, j)
             x, m = synthesize(pool[i], cfg.synthesis, g, source=source, exclude=i)
             images.append(x)
             masks.append(m)
-            rows.append({"image_path": f"{items[i]['path']}#synthetic{j}", "mask_path": "", "label": 1,
-                         "defect_type": "synthetic", "category": items[i]["category"], "split": "val"})
+            rows.append(
+                {
+                    "image_path": f"{items[i]['path']}#synthetic{j}",
+                    "mask_path": "",
+                    "label": 1,
+                    "defect_type": "synthetic",
+                    "category": items[i]["category"],
+                    "split": "val",
+                }
+            )
         self.images = torch.stack(images)  # (N * (1 + k), 3, H, W) in [0, 1]
         self.masks = torch.stack(masks)  # (N * (1 + k), 1, H, W)
         self.index = pd.DataFrame(rows)
@@ -494,9 +537,14 @@ class SyntheticAnomalySet(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.index.iloc[i]
         image = self.images[i]
-        return {"image": normalize(image) if self.normalize else image, "label": int(row["label"]),
-                "mask": self.masks[i], "path": str(row["image_path"]), "category": str(row["category"]),
-                "defect_type": str(row["defect_type"])}
+        return {
+            "image": normalize(image) if self.normalize else image,
+            "label": int(row["label"]),
+            "mask": self.masks[i],
+            "path": str(row["image_path"]),
+            "category": str(row["category"]),
+            "defect_type": str(row["defect_type"]),
+        }
 
     def normal_indices(self) -> list[int]:
         """Positions of the normal images."""
@@ -504,12 +552,13 @@ class SyntheticAnomalySet(Dataset):
 
 
 def validation_set(normal, cfg: ValidationConfig = ValidationConfig(), **kwargs) -> SyntheticAnomalySet:
-    """The synthetic-anomaly validation set of a normal validation split (see :class:`SyntheticAnomalySet`)."""
+    """The synthetic-anomaly validation set of a normal split (see :class:`SyntheticAnomalySet`)."""
     return SyntheticAnomalySet(normal, cfg, **kwargs)
 
 
-def sample_grid(dataset: SyntheticAnomalySet, n: int = 6, panel_size: float = 1.6,
-                indices: Sequence[int] | None = None):
+def sample_grid(
+    dataset: SyntheticAnomalySet, n: int = 6, panel_size: float = 1.6, indices: Sequence[int] | None = None
+):
     """Figure: synthetic anomalies (top row) and their masks (bottom row) for the first ``n`` of them."""
     from matplotlib.figure import Figure
 

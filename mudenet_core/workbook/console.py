@@ -1,7 +1,8 @@
 """One clean line per notebook on the console (and a progress bar on a terminal).
 
 Events come from the executors as ``(kind, run_label, notebook, info)`` tuples, ``kind`` in
-``start | ok | failed | skip``; in a process pool they travel through a queue.
+``start | ok | failed | skip | rerun`` (``info``: the duration, or why ``--resume`` runs it again); from a
+process pool they travel through a queue.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Console:
         if kind == "start":
             if self.bar is not None:
                 self.bar.set_postfix_str(f"{label} {name}")
+            return
+        if kind == "rerun":  # --resume: why this notebook executes again
+            pad = " " * (2 * len(str(self.total)) + 1)
+            self._line(f"[run_all] {pad} {label:<28} {name:<20} runs again: {info}")
             return
         self.done += 1
         width = len(str(self.total))

@@ -222,9 +222,13 @@ def execute_run(plan: Plan, key: RunKey, queue=None) -> dict:
             failed = {"notebook": name, "error": str(e), "executed": "(not executed)"}
             break
         inputs = resume.notebook_inputs(name, fingerprint)
-        if plan.resume and not dirty and resume.entry_complete(old.get(name), name, params, run_dir, inputs):
-            emit(("skip", key.label, name, None))
-            continue
+        if plan.resume:
+            why = "an earlier notebook ran" if dirty else resume.why_incomplete(old.get(name), name, params,
+                                                                                run_dir, inputs)
+            if why is None:
+                emit(("skip", key.label, name, None))
+                continue
+            emit(("rerun", key.label, name, why))
         dirty = True
         if "REUSE" in params:
             params["REUSE"] = plan.resume and resume.reuse_allowed(old.get(name), name, params, inputs)
@@ -332,10 +336,13 @@ def _run_report(plan: Plan, manifest: mf.ProfileManifest, executed: int, on_even
         out_dir = plan.profile_dir / "report"
         inputs = resume.notebook_inputs(name)
         prev = manifest.report or {}
-        if (plan.resume and executed == 0 and prev.get("_runs") == runs
-                and resume.entry_complete(prev, name, params, out_dir.parent, inputs)):
-            on_event(("skip", "profile", name, None))
-            continue
+        if plan.resume:
+            why = ("a run executed" if executed else "other runs" if prev.get("_runs") != runs
+                   else resume.why_incomplete(prev, name, params, out_dir.parent, inputs))
+            if why is None:
+                on_event(("skip", "profile", name, None))
+                continue
+            on_event(("rerun", "profile", name, why))
         on_event(("start", "profile", name, None))
         entry = execute_one(name, params, out_dir, env=kernel_env(plan), inputs=inputs)
         # files are relative to the profile folder for the report notebook

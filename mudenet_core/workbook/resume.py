@@ -91,18 +91,30 @@ def comparable(params: dict | None) -> dict:
     return {k: v for k, v in (params or {}).items() if k != "REUSE"}
 
 
+INPUT_NAMES = {"source_sha": "the notebook changed", "code_hash": "the package code or a config changed",
+               "data_fingerprint": "the dataset files changed"}
+
+
+def changed_inputs(entry: dict | None, name: str, params: dict, inputs: dict[str, str]) -> list[str]:
+    """What differs between ``entry``'s execution of ``name`` and one now (``[]``: the same inputs)."""
+    if not entry or entry.get("notebook") != name:
+        return ["no earlier execution"]
+    out = [INPUT_NAMES.get(k, k) for k, v in inputs.items() if entry.get(k) != v]
+    old, new = comparable(entry.get("parameters")), comparable(params)
+    if old != new:
+        out.append("parameters changed: " + ", ".join(sorted(k for k in old.keys() | new.keys()
+                                                            if old.get(k) != new.get(k))))
+    return out
+
+
 def same_inputs(entry: dict | None, name: str, params: dict, inputs: dict[str, str]) -> bool:
     """Whether ``entry`` was an execution of ``name`` with these inputs and parameters (any status)."""
-    if not entry or entry.get("notebook") != name:
-        return False
-    if any(entry.get(k) != v for k, v in inputs.items()):
-        return False
-    return comparable(entry.get("parameters")) == comparable(params)
+    return not changed_inputs(entry, name, params, inputs)
 
 
-def entry_complete(entry: dict | None, name: str, params: dict, out_dir: Path,
-                   inputs: dict[str, Any] | None = None) -> bool:
-    """True if ``entry`` says ``name`` ran OK with these inputs and parameters, and its files exist.
+def why_incomplete(entry: dict | None, name: str, params: dict, out_dir: Path,
+                   inputs: dict[str, Any] | None = None) -> str | None:
+    """Why ``--resume`` must execute ``name`` again (None: its outputs are complete).
 
     Args:
         entry: the manifest entry of the last execution (or None).
@@ -112,9 +124,24 @@ def entry_complete(entry: dict | None, name: str, params: dict, out_dir: Path,
         inputs: :func:`notebook_inputs` now (default: with an empty data fingerprint).
     """
     inputs = notebook_inputs(name) if inputs is None else inputs
-    if not entry or entry.get("status") != "ok" or not same_inputs(entry, name, params, inputs):
-        return False
-    return all((out_dir / f).is_file() for f in entry.get("files", [])) and Path(entry["executed"]).is_file()
+    changed = changed_inputs(entry, name, params, inputs)
+    if changed:
+        return "; ".join(changed)
+    if entry.get("status") != "ok":
+        return f"last execution {entry.get('status')}"
+    missing = [f for f in entry.get("files", []) if not (out_dir / f).is_file()]
+    if not Path(entry["executed"]).is_file():
+        missing.insert(0, Path(entry["executed"]).name)
+    return f"output(s) missing: {', '.join(missing[:3])}" if missing else None
+
+
+def entry_complete(entry: dict | None, name: str, params: dict, out_dir: Path,
+                   inputs: dict[str, Any] | None = None) -> bool:
+    """True if ``entry`` says ``name`` ran OK with these inputs and parameters, and its files exist.
+
+    Arguments as for :func:`why_incomplete`.
+    """
+    return why_incomplete(entry, name, params, out_dir, inputs) is None
 
 
 def reuse_allowed(entry: dict | None, name: str, params: dict, inputs: dict[str, str]) -> bool:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mudenet_core import category_report, report
+from mudenet_core import category_report, report, report_html
 from mudenet_core.io import save_csv
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -108,7 +108,7 @@ def profile_dir(tmp_path) -> Path:
     run_html = tmp_path / "runs" / "synthetic" / "plate" / "seed0" / "30_evaluation.html"
     run_html.write_text("<html><body><h1>30 evaluation</h1></body></html>")
     category_report.write_category_pages(tmp_path)
-    report.write_index(tmp_path, title="Browser test")
+    report_html.write_index(tmp_path, title="Browser test")
     return tmp_path
 
 

@@ -135,8 +135,17 @@ def test_entry_complete(run_all, tmp_path):
     # each input invalidates: the notebook source, the package code and configs, the dataset files
     for k in inputs:
         assert not run_all.entry_complete({**entry, k: "old"}, name, {"SEED": 0}, tmp_path, inputs), k
+    # and --resume says why it runs a notebook again
+    why = run_all.why_incomplete
+    assert why(entry, name, {"SEED": 0}, tmp_path, inputs) is None
+    assert why({**entry, "code_hash": "old"}, name, {"SEED": 0}, tmp_path, inputs) == (
+        "the package code or a config changed")
+    assert why({**entry, "data_fingerprint": "x"}, name, {"SEED": 1}, tmp_path, inputs) == (
+        "the dataset files changed; parameters changed: SEED")
+    assert why(None, name, {}, tmp_path, inputs) == "no earlier execution"
     (tmp_path / "a.csv").unlink()
     assert not run_all.entry_complete(entry, name, {"SEED": 0}, tmp_path, inputs)
+    assert why(entry, name, {"SEED": 0}, tmp_path, inputs) == "output(s) missing: a.csv"
 
 
 def test_bad_arguments_exit_2_before_any_work(run_all, tmp_path):
@@ -208,9 +217,12 @@ def test_smoke_run_then_resume_does_nothing(synthetic_root, tmp_path):
         assert f"runs/synthetic/plate/seed0/{name}.html" in index
     mtimes = {p: p.stat().st_mtime_ns for p in prof.rglob("*") if p.is_file()}
 
-    second = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # (not --quiet: the console says why a notebook would run again, e.g. a package file edited meanwhile)
+    second = subprocess.run([c for c in cmd if c != "--quiet"] + ["--resume"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "nothing to do" in second.stdout
+    assert "nothing to do" in second.stdout, second.stderr[-3000:]
+    assert "complete, skipped" in second.stderr and "runs again" not in second.stderr
     # no work: not one file under the profile folder was written (manifest and index included)
     assert {p: p.stat().st_mtime_ns for p in prof.rglob("*") if p.is_file()} == mtimes
     print(f"smoke run: {wall:.1f} s")

@@ -1,4 +1,4 @@
-"""experiment.py: fit-or-load really reloads, tidy outputs, and re-scoring equals the harness."""
+"""experiment.py and ablations.py: fit-or-load really reloads, tidy outputs, re-scoring equals the harness."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mudenet_core import experiment, report
+from mudenet_core import ablations, experiment, report
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_evaluate_writes_tidy_tables_and_rescoring_matches(trained):
     timings = pd.read_csv(run.table("timings_mudenet.csv")).set_index("metric")["value"]
     assert timings["fit_s"] > 0 and timings["images_per_s"] > 0 and "train_s" in timings
     # the unchanged scoring config, re-calibrated from cached network outputs, reproduces the harness
-    variants = experiment.scoring_variants(det.config.scoring, branches=["both", "logical"])
-    abl = experiment.run_scoring_ablations(det, splits, run, variants, config_hash="h")
+    variants = ablations.scoring_variants(det.config.scoring, branches=["both", "logical"])
+    abl = ablations.run_scoring_ablations(det, splits, run, variants, config_hash="h")
     assert list(abl.columns) == report.ABLATION_COLUMNS
     both = abl[abl["variant"] == "both"].set_index("metric")["value"]
     for k in ("image_auroc", "pixel_auroc", "au_pro"):

@@ -67,7 +67,9 @@ def test_foreground_mask_confines_the_anomaly():
 
 def test_empty_foreground_raises_clear_error():
     with pytest.raises(DataError, match="no non-empty mask"):
-        S.perlin_mask((32, 32), S.SynthesisConfig(max_tries=3), torch.Generator(), foreground=torch.zeros(32, 32))
+        S.perlin_mask(
+            (32, 32), S.SynthesisConfig(max_tries=3), torch.Generator(), foreground=torch.zeros(32, 32)
+        )
 
 
 def test_overlay_formula_by_hand():
@@ -130,8 +132,11 @@ def test_texture_folder_reads_recursively_and_names_missing_folder(tmp_path):
 
 
 def _val_splits(root, image_size=32):
-    return make_splits(DataConfig(dataset="synthetic", root=str(root), category="plate", image_size=image_size,
-                                  val_fraction=0.25))
+    return make_splits(
+        DataConfig(
+            dataset="synthetic", root=str(root), category="plate", image_size=image_size, val_fraction=0.25
+        )
+    )
 
 
 def test_validation_set_layout_and_exact_masks(synthetic_root):
@@ -161,8 +166,10 @@ def test_validation_set_is_deterministic_and_uses_dtd_when_given(synthetic_root,
     a = S.validation_set(splits.val, S.ValidationConfig(min_anomalous=6))
     b = S.validation_set(splits.val, S.ValidationConfig(min_anomalous=6))
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
-    d = S.validation_set(splits.val, S.ValidationConfig(
-        min_anomalous=6, synthesis=S.SynthesisConfig(texture_dir=str(dtd_root))))
+    d = S.validation_set(
+        splits.val,
+        S.ValidationConfig(min_anomalous=6, synthesis=S.SynthesisConfig(texture_dir=str(dtd_root))),
+    )
     assert torch.equal(d.masks, a.masks)  # same masks (drawn first), other textures
     assert not torch.equal(d.images, a.images)
 

@@ -121,6 +121,7 @@ def test_distillation_resumes_exactly_two_plus_two_steps_equal_four(image_folder
         assert torch.equal(a[k], b[k]), k
     assert second["L_dist"] == ref["L_dist"] and len(ref["L_dist"]) == 4
     assert a["heldout_L_dist"] == b["heldout_L_dist"] and [s for s, _ in a["heldout_L_dist"]] == [0, 2, 4]
+    assert a["resumed_at"] == [] and b["resumed_at"] == [2]
     curve = Path(str(out.with_suffix("")) + "_curve.csv").read_text()
     assert curve == Path(str(ref_path.with_suffix("")) + "_curve.csv").read_text()
     assert Path(str(out.with_suffix("")) + "_curve.png").is_file()
@@ -211,8 +212,9 @@ def test_shipped_teachers_load_weights_only_and_serve_the_cpu_architecture():
 
 def test_shipped_w32_teacher_survives_fit_unchanged():
     cpu = load_config("mudenet", "cpu")
+    # the cpu profile's distill.steps (200) would fine-tune the teacher: steps=0 keeps it as shipped
     cfg = dataclasses.replace(cpu, width=32, checkpoint_every=0, eval_batch_size=4,
-                              distill=dataclasses.replace(cpu.distill, init="pretrained"),
+                              distill=dataclasses.replace(cpu.distill, init="pretrained", steps=0),
                               train=dataclasses.replace(cpu.train, steps=1, batch_size=2))
     det = MuDeNet(cfg)
     det.fit(*datasets(128), generator=torch.Generator().manual_seed(0), show_progress=False)
