@@ -47,7 +47,7 @@ from mudenet_core.io import (
     save_csv,
     save_json,
 )
-from mudenet_core.methods import METHODS, PROFILES, get_method, profile_path
+from mudenet_core.methods import METHODS, PROFILES, get_method, profile_path, training_split
 
 PROG = "mudenet"
 COMMANDS = ("distill", "train", "evaluate", "predict")
@@ -465,10 +465,7 @@ def cmd_train(args, overrides: list[str]) -> int:
         resume = True
         _log(f"train: continuing from {args.init / CHECKPOINT_DIR}")
     detector = det_cls(cfg)
-    train_ds = splits.train
-    if getattr(det_cls, "TRAINING_FREE", False) and hasattr(train_ds, "without_augment"):
-        train_ds = train_ds.without_augment()
-    log = detector.fit(train_ds, splits.val, generator=generator, device=device,
+    log = detector.fit(training_split(det_cls, splits), splits.val, generator=generator, device=device,
                        show_progress=not args.no_progress, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume)
     detector.save(out / MODEL_FILE)
     _write_run_config(out, args, method=method, source=source, cfg=detector.config, data_cfg=data_cfg)
@@ -482,7 +479,7 @@ def cmd_train(args, overrides: list[str]) -> int:
 def _calibrate_threshold(args, detector, splits, out: Path, device: torch.device) -> float:
     """Choose the decision threshold on the synthetic-anomaly validation set; write threshold.json."""
     from mudenet_core.data import synthesis
-    from mudenet_core.harness import ThresholdConfig, calibrate_threshold, save_evaluation, save_threshold
+    from mudenet_core.harness import ThresholdConfig, calibrate_threshold, save_calibration
 
     tex = str(args.texture_dir.resolve()) if getattr(args, "texture_dir", None) else ""
     vcfg = synthesis.ValidationConfig(synthesis=synthesis.SynthesisConfig(texture_dir=tex))
@@ -490,11 +487,9 @@ def _calibrate_threshold(args, detector, splits, out: Path, device: torch.device
     q = getattr(args, "threshold_quantile", None)
     tcfg = ThresholdConfig() if q is None else ThresholdConfig(quantile=q)
     result, threshold = calibrate_threshold(detector, val_set, cfg=tcfg, device=device)
+    save_calibration(result, threshold, tcfg, threshold_dir=out, eval_dir=out / "validation",
+                     config=detector.config, save_maps=False, extra={"git_sha": git_sha()})
     labels = result.scores["label"].to_numpy()
-    n_normal, n_anomalous = int((labels == 0).sum()), int((labels == 1).sum())
-    save_threshold(out, threshold, tcfg, n_normal=n_normal, n_anomalous=n_anomalous)
-    save_evaluation(result, out / "validation", config=detector.config, save_maps=False,
-                    extra={"split": "val", "threshold": threshold, "git_sha": git_sha()})
     shown = ("image_auroc", "pixel_auroc", "au_pro")
     summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in shown)
     _log(f"train: validation ({int((labels == 0).sum())} normal + {int((labels == 1).sum())} synthetic "

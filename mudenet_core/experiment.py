@@ -335,12 +335,9 @@ def fit_or_load(
     kwargs = {"callback": callback} if callback is not None else {}
     resume = reuse if resume is None else resume
     prior_s = _prior_distill_s(ckpt_dir) if resume else 0.0
-    train_ds = splits.train
-    if getattr(det_cls, "TRAINING_FREE", False) and hasattr(train_ds, "without_augment"):
-        train_ds = train_ds.without_augment()  # PaDiM, PatchCore: fitted on the images as they are
     t0 = time.perf_counter()
-    fit = functools.partial(det.fit, train_ds, splits.val, generator=generator, device=device,
-                            show_progress=show_progress, checkpoint_dir=ckpt_dir, **kwargs)
+    fit = functools.partial(det.fit, methods.training_split(det_cls, splits), splits.val, generator=generator,
+                            device=device, show_progress=show_progress, checkpoint_dir=ckpt_dir, **kwargs)
     try:
         log = fit(resume=resume)
     except io.CheckpointError as e:  # a resume checkpoint from another config: start afresh
@@ -356,11 +353,9 @@ def fit_or_load(
         t0 = time.perf_counter()
         val_result, threshold = harness.calibrate_threshold(det, val_set, cfg=tcfg, device=device)
         stages["calibration_s"] = time.perf_counter() - t0
-        labels = val_result.scores["label"].to_numpy()
-        harness.save_threshold(ckpt_dir, threshold, tcfg, n_normal=int((labels == 0).sum()),
-                               n_anomalous=int((labels == 1).sum()))
-        harness.save_evaluation(val_result, run.eval_dir(method) / "val", config=config,
-                                extra={"git_sha": run.git_sha, "split": "val", "threshold": threshold})
+        harness.save_calibration(val_result, threshold, tcfg, threshold_dir=ckpt_dir,
+                                 eval_dir=run.eval_dir(method) / "val", config=config,
+                                 extra={"git_sha": run.git_sha})
         info["threshold"] = threshold
         info["threshold_config"] = tcfg.to_dict()
         info["validation"] = {k: v for k, v in val_result.metrics.items() if k != "images_per_s"}

@@ -203,6 +203,21 @@ def load_threshold(folder: str | Path) -> dict | None:
     return load_json(path) if path.is_file() else None
 
 
+def save_calibration(result: EvalResult, threshold: float, cfg: ThresholdConfig, *, threshold_dir: str | Path,
+                     eval_dir: str | Path, config: Any = None, extra: dict | None = None,
+                     save_maps: bool = True) -> None:
+    """Record a validation calibration: ``threshold.json`` and the validation evaluation.
+
+    ``threshold.json`` goes to ``threshold_dir`` (beside the model); the evaluation (split "val", with its
+    threshold) to ``eval_dir``.
+    """
+    labels = result.scores["label"].to_numpy()
+    save_threshold(threshold_dir, threshold, cfg, n_normal=int((labels == 0).sum()),
+                   n_anomalous=int((labels == 1).sum()))
+    save_evaluation(result, eval_dir, config=config, save_maps=save_maps,
+                    extra={**(extra or {}), "split": "val", "threshold": threshold})
+
+
 def calibrate_threshold(detector: Any, validation_set: Dataset, *, cfg: ThresholdConfig = ThresholdConfig(),
                         batch_size: int = 8, device: torch.device | str = "cpu",
                         show_progress: bool = False) -> tuple[EvalResult, float]:

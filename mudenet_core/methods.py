@@ -76,6 +76,15 @@ def available_methods() -> list[str]:
     return [name for name in METHODS if name not in missing]
 
 
+def training_split(det_cls: type, splits):
+    """The training dataset a detector fits on: un-augmented for training-free methods (``TRAINING_FREE``).
+
+    PaDiM and PatchCore fit on the images as they are, as their papers do; trained methods get
+    ``splits.train`` with whatever augmentation the data config enables.
+    """
+    return splits.train_unaugmented if getattr(det_cls, "TRAINING_FREE", False) else splits.train
+
+
 def get_method(name: str) -> tuple[type, type]:
     """Return ``(DetectorClass, ConfigClass)`` for a registered method name."""
     if name not in METHODS:

@@ -283,37 +283,14 @@ def distill(
         log dict: ``step``, ``L_dist`` (per step), ``time_s``, ``steps_per_s``.
     """
     assert images.shape[0] == targets.shape[0], "one target per image"
-    teacher.train().to(device)
-    opt = torch.optim.Adam(teacher.parameters(), lr=lr, weight_decay=weight_decay)
-    sampler = EpochSampler(images.shape[0], batch_size, generator)
 
-    def step_fn(step: int) -> dict[str, float]:
-        idx = sampler.next()
-        x, e = images[idx].to(device), targets[idx].to(device)  # (b, 3, H, W), (b, C, h1, w1)
-        xs = teacher(x)  # S x (b, C, h, w)
-        if e.shape[-2:] != xs[0].shape[-2:]:
-            e = F.interpolate(e, size=xs[0].shape[-2:], mode="bilinear", align_corners=False)  # (b, C, h, w)
-        loss = losses.distillation_loss(xs, e)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"L_dist": loss.item()}
+    def make_batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images[idx].to(device), targets[idx].to(device)  # (b, 3, H, W), (b, C, h1, w1)
 
-    log = _run_loop(
-        "distill",
-        steps,
-        step_fn,
-        optimizer=opt,
-        sampler=sampler,
-        extra_samplers={},
-        state=state,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        callback=callback,
-        show_progress=show_progress,
-    )
-    teacher.eval()
-    return log
+    return distill_streaming(teacher, images.shape[0], make_batch, steps=steps, lr=lr, batch_size=batch_size,
+                             weight_decay=weight_decay, generator=generator, device=device, state=state,
+                             checkpoint=checkpoint, checkpoint_every=checkpoint_every, callback=callback,
+                             show_progress=show_progress)
 
 
 @torch.no_grad()
