@@ -60,25 +60,24 @@ class _CurveRecorder:
         self.t0 = time.perf_counter()
 
     def record(self, step: int) -> None:
-        nets = self.det.nets
-        modes = {m: m.training for m in nets.modules()}
-        self.det.device = torch.device(self.device)
-        self.det.calibrate(self.calib_ds)
-        for split, ds in self.sets.items():
-            res = harness.evaluate(self.det, ds, device=self.device, show_progress=False)
-            for k in CURVE_METRICS:
-                if k in res.metrics:
-                    self.rows.append(
-                        {
-                            "step": int(step),
-                            "split": split,
-                            "metric": k,
-                            "value": float(res.metrics[k]),
-                            "elapsed_s": time.perf_counter() - self.t0,
-                        }
-                    )
-        for m, t in modes.items():
-            m.train(t)
+        from mudenet_core.utils import modes_restored
+
+        with modes_restored(self.det.nets):
+            self.det.device = torch.device(self.device)
+            self.det.calibrate(self.calib_ds)
+            for split, ds in self.sets.items():
+                res = harness.evaluate(self.det, ds, device=self.device, show_progress=False)
+                for k in CURVE_METRICS:
+                    if k in res.metrics:
+                        self.rows.append(
+                            {
+                                "step": int(step),
+                                "split": split,
+                                "metric": k,
+                                "value": float(res.metrics[k]),
+                                "elapsed_s": time.perf_counter() - self.t0,
+                            }
+                        )
 
     def __call__(self, stage: str, step: int, losses: dict) -> None:
         if stage == "train" and step in self.steps:

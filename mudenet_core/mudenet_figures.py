@@ -104,17 +104,15 @@ class MapSnapshots:
         """Record at steps 1, every, 2*every, ... of stage "train"."""
         if stage != "train" or (step != 1 and step % self.every != 0):
             return
+        from mudenet_core import scoring
+        from mudenet_core.utils import modes_restored
+
         nets = self.det.nets
-        modes = {m: m.training for m in nets.modules()}
         device = next(nets.parameters()).device
-        with torch.no_grad():
+        with modes_restored(nets), torch.no_grad():
             nets.eval()
             x, s1, a, s2 = nets(self.images.to(device))
-            from mudenet_core import scoring
-
             raw = scoring.raw_maps(x, s1, a, s2).mean(dim=2)  # (B, 2, S, h, w) -> (B, 2, h, w)
-        for m, t in modes.items():
-            m.train(t)
         self.steps.append(int(step))
         self.maps.append(raw.cpu().numpy())
 

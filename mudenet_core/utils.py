@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -43,3 +45,24 @@ def progress(iterable=None, *, desc: str = "", total: int | None = None, enabled
     disable = (not enabled) or bool(os.environ.get("MUDENET_NO_PROGRESS"))
     return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, dynamic_ncols=True,
                 mininterval=1.0, **kw)
+
+
+@contextlib.contextmanager
+def modes_restored(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a block (e.g. an evaluation inside a training loop) and restore every submodule's train/eval mode.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).train()
+        >>> net[0].eval()
+        Linear(in_features=2, out_features=2, bias=True)
+        >>> with modes_restored(net):
+        ...     _ = net.eval()
+        >>> net.training, net[0].training, net[1].training
+        (True, False, True)
+    """
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield module
+    finally:
+        for m, t in modes.items():
+            m.train(t)

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from mudenet_core.config import ConfigBase, ConfigError
 from mudenet_core.data.images import IMAGE_EXTENSIONS, DataError, load_image
-from mudenet_core.data.transforms import normalize, to_tensor
+from mudenet_core.data.transforms import denormalize, normalize, to_tensor
 from mudenet_core.utils import progress
 
 SELF_TEXTURE = "self"
@@ -486,8 +486,6 @@ class SyntheticAnomalySet(Dataset):
         n = len(normal)
         if n == 0:
             raise DataError("synthetic validation set: the validation split holds no normal image")
-        from mudenet_core.data.transforms import denormalize
-
         items = [normal[i] for i in range(n)]
         was_normalized = bool(getattr(normal, "normalize", True))
         pool = torch.stack([it["image"] for it in items])  # (N, 3, H, W)
