@@ -15,7 +15,7 @@ from mudenet_core import harness, metrics
 from mudenet_core.data import DataConfig, make_splits, synthetic
 from mudenet_core.methods import get_method, load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # method -> (cpu-profile overrides for a test-sized run, image AUROC margin). Measured on this data
 # (seed 0, one thread; image / pixel AUROC): PaDiM 0.983 / 0.996, PatchCore 0.892 / 0.992, autoencoder
@@ -36,14 +36,6 @@ def plate_root(tmp_path_factory):
         root, categories=["plate"], image_size=128, n_train=30, n_test_good=8, n_test_per_defect=3, seed=0
     )
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def clears_margin(labels, scores, margin: float) -> bool:

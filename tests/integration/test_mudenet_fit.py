@@ -6,13 +6,7 @@ from mudenet_core.data import DataConfig, make_splits
 from mudenet_core.methods import get_method, load_config
 from mudenet_core.mudenet import MuDeNet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_smoke_profile_fits_and_evaluates_on_generated_data(synthetic_root, tmp_path):

@@ -15,17 +15,10 @@ from mudenet_core.methods import load_config
 from mudenet_core.mudenet import MuDeNet, MuDeNetConfig
 from mudenet_core.teacher_zoo import GenericTeacherConfig, PretrainedTeacherError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_W32 = teacher_zoo.WEIGHTS_DIR / "teacher_efficientnet_lite0_128px_c64_w32.pt"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from mudenet_core.io import CheckpointError, load_checkpoint
 from mudenet_core.mudenet import ARCHITECTURE_KEYS, RESUME_KEYS, MuDeNet, MuDeNetConfig, _build_nets
 from mudenet_core.train import EpochSampler, steps_for
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "image_size": 64,
     "backbone": "efficientnet_lite0",
@@ -34,15 +36,6 @@ class ListDS:
 
     def __getitem__(self, i):
         return {"image": self.images[i], "label": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
