@@ -249,10 +249,10 @@ def test_select_overlays_covers_types():
 
 
 def test_split_overrides():
-    got = cli._split_overrides(["a=1", "data.category=x", "b.c=[1,2]"])
+    got = cli.split_overrides(["a=1", "data.category=x", "b.c=[1,2]"])
     assert got == (["a=1", "b.c=[1,2]"], ["category=x"])
     with pytest.raises(cli.CLIError, match="key=value"):
-        cli._split_overrides(["=1"])
+        cli.split_overrides(["=1"])
 
 
 @pytest.mark.slow
