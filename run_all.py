@@ -19,6 +19,9 @@ Examples::
     python run_all.py --resume                         # skip notebooks whose outputs are complete
     python run_all.py --reference                      # regenerate results/reference/cpu/ (clean tree)
 
+Exit status: 0 done, 1 a notebook failed, 2 a user error (a bad option, ``--set`` key or value, a dataset
+folder that is missing or lacks what the run needs): one line on stderr, before anything is executed.
+
 Profiles live in ``params/<profile>.yaml``: the run grid (dataset, categories, seeds, methods) and the
 notebook parameters (``common`` for every notebook that declares the name, ``notebooks.<NN_name>`` for one).
 The pieces live in :mod:`mudenet_core.workbook` (plan, resume, execute, manifest, render, console).

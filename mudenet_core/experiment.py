@@ -354,7 +354,7 @@ def fit_or_load(
         val_result, threshold = harness.calibrate_threshold(det, val_set, cfg=tcfg, device=device)
         stages["calibration_s"] = time.perf_counter() - t0
         harness.save_calibration(val_result, threshold, tcfg, threshold_dir=ckpt_dir,
-                                 eval_dir=run.eval_dir(method) / "val", config=config,
+                                 eval_dir=run.eval_dir(method) / "val", model_path=model_path, config=config,
                                  extra={"git_sha": run.git_sha})
         info["threshold"] = threshold
         info["threshold_config"] = tcfg.to_dict()
@@ -492,7 +492,8 @@ def evaluate_method(
         result,
         run.eval_dir(method),
         config=config,
-        extra={"git_sha": run.git_sha, "config_hash": h, "split": "test"},
+        extra={"git_sha": run.git_sha, "config_hash": h, "split": "test",
+               "torch_threads": torch.get_num_threads()},  # results depend on the thread count
         save_maps=save_maps,
     )
     quality = {k: v for k, v in result.metrics.items() if k != "images_per_s"}

@@ -12,15 +12,19 @@ Example (any registered detector)::
 Thresholds never come from test data: :func:`choose_threshold` uses the validation scores only, either a
 quantile of the normal validation images' scores (default: the 0.99 quantile, i.e. about 1 % false alarms if
 the validation normals are representative) or the F1-optimal threshold on the synthetic validation anomalies.
-The threshold is saved next to the model (``threshold.json``) and used by ``predict``, the classification
-report and the "at threshold" test metrics, which are what a deployment gets; ``f1_max`` on the test split
-is the oracle, reported beside them under its own name.
+The threshold is saved next to the model (``threshold.json``, with the SHA-256 of the model file it was
+chosen for and a fixed heat-map range from the validation maps, :func:`map_normalization`) and used by
+``predict``, the classification report and the "at threshold" test metrics, which are what a deployment
+gets; ``f1_max`` on the test split is the oracle, reported beside them under its own name. A record whose
+hash does not match the model file (a model trained again since) is refused (:func:`load_calibration`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mudenet_core import metrics
-from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.config import ConfigBase, bounded
 from mudenet_core.io import load_json, save_csv, save_json
 from mudenet_core.utils import progress
 
@@ -142,11 +146,9 @@ class ThresholdConfig(ConfigBase):
     """How the decision threshold is chosen on the validation set (never on test data)."""
 
     mode: Literal["normal_quantile", "f1_synthetic"] = "normal_quantile"  # see choose_threshold
-    quantile: float = 0.99  # normal_quantile: this quantile of the normal validation scores (linear interp.)
+    # normal_quantile: this quantile of the normal validation scores (linear interp.)
+    quantile: float = bounded(0.99, gt=0, le=1)
 
-    def __post_init__(self):
-        if not 0.0 < self.quantile <= 1.0:
-            raise ConfigError(f"ThresholdConfig.quantile must be in (0, 1], got {self.quantile}")
 
 
 def choose_threshold(labels, scores, cfg: ThresholdConfig = ThresholdConfig()) -> float:
@@ -189,31 +191,129 @@ def deployment_metrics(labels, scores, threshold: float) -> dict[str, float]:
     return {"threshold": float(threshold), **{f"{k}_at_threshold": float(v) for k, v in m.items()}}
 
 
+CALIBRATION_FORMAT = 2  # threshold.json: 1 = threshold only; 2 = + model_sha256 and map_normalization
+MAP_NORM_Q_LOW = 0.01  # map_normalization "low": this quantile of the normal validation images' map values
+MAP_NORM_Q_HIGH = 0.999  # map_normalization "high": this quantile of all validation map values
+
+
+class CalibrationWarning(UserWarning):
+    """A ``threshold.json`` that is ignored: written before model hashes, or chosen for another model."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def map_normalization(maps, labels, *, q_low: float = MAP_NORM_Q_LOW,
+                      q_high: float = MAP_NORM_Q_HIGH) -> dict[str, float]:
+    """A fixed display range ``{low, high, q_low, q_high}`` for anomaly maps, from the validation maps.
+
+    ``low`` is the ``q_low`` quantile of the normal validation images' map values: their background, drawn
+    in the coolest colour. ``high`` is the ``q_high`` quantile of all validation map values, normal images
+    and synthetic anomalies together: the statistic :func:`mudenet_core.viz.map_range` takes over a test set
+    (there the minimum stands in for ``low``), here fixed once on validation data, so a heat map depends on
+    its own image only. With synthetic anomalies covering more than ``1 - q_high`` of the validation pixels,
+    their typical defect saturates the colour scale; with none, the top of the normal maps does.
+
+    Args:
+        maps: validation anomaly maps (N, H, W).
+        labels: (N,) 0 normal, 1 synthetic anomaly.
+        q_low: quantile of the normal maps for ``low`` (all maps when there is no normal image).
+        q_high: quantile of all maps for ``high``.
+
+    Example:
+        >>> maps = np.stack([np.full((2, 2), 1.0), np.full((2, 2), 3.0)])
+        >>> r = map_normalization(maps, [0, 1], q_low=0.0, q_high=1.0)
+        >>> r["low"], r["high"]
+        (1.0, 3.0)
+    """
+    a = np.asarray(maps, dtype=np.float64)
+    y = np.asarray(labels).astype(int).reshape(-1)
+    assert a.ndim == 3 and a.shape[0] == y.size, f"expected maps (N,H,W) for {y.size} labels, got {a.shape}"
+    normal = a[y == 0] if (y == 0).any() else a
+    low, high = float(np.quantile(normal, q_low)), float(np.quantile(a, q_high))
+    if not high > low:  # constant maps: a non-empty range, as viz.map_range does
+        high = low + max(abs(low), 1.0) * 1e-9
+    return {"low": low, "high": high, "q_low": float(q_low), "q_high": float(q_high)}
+
+
 def save_threshold(folder: str | Path, threshold: float, cfg: ThresholdConfig, *, n_normal: int,
-                   n_anomalous: int, source: str = "validation") -> Path:
-    """Write ``threshold.json`` (the threshold, how it was chosen, on how many validation images)."""
+                   n_anomalous: int, model_path: str | Path, map_norm: dict | None = None,
+                   source: str = "validation") -> Path:
+    """Write ``threshold.json``, the calibration record of the model file ``model_path``.
+
+    It holds the threshold, how it was chosen and on how many validation images, the map display range
+    (:func:`map_normalization`) and ``model_sha256``, the hash of ``model_path`` as it is now (save the model
+    first), so that a record left beside a retrained model is refused by :func:`load_calibration`.
+    """
+    model_path = Path(model_path)
     return save_json(Path(folder) / THRESHOLD_FILE, {
+        "format_version": CALIBRATION_FORMAT,
         "threshold": float(threshold), "source": source, "config": cfg.to_dict(),
-        "n_normal": int(n_normal), "n_anomalous": int(n_anomalous)})
+        "n_normal": int(n_normal), "n_anomalous": int(n_anomalous),
+        "model_file": model_path.name, "model_sha256": file_sha256(model_path),
+        "map_normalization": map_norm})
 
 
-def load_threshold(folder: str | Path) -> dict | None:
-    """The ``threshold.json`` record of a model folder, or None when there is none."""
+def load_calibration(folder: str | Path, model_path: str | Path | None = None) -> tuple[dict | None, str]:
+    """The calibration record (``threshold.json``) of ``folder``, if it was made for the model ``model_path``.
+
+    Args:
+        folder: the model folder.
+        model_path: the model file it is used with (default: ``folder/model.pt``).
+
+    Returns:
+        (record, "") when the record names this model's SHA-256; (None, why) when there is no record, it
+        predates model hashes (format 1), or it was chosen for another model (e.g. left beside a model trained
+        again since): such a threshold and map range would describe another model's scores.
+    """
     path = Path(folder) / THRESHOLD_FILE
-    return load_json(path) if path.is_file() else None
+    model_path = Path(model_path) if model_path is not None else Path(folder) / "model.pt"
+    if not path.is_file():
+        return None, f"no {THRESHOLD_FILE} beside the model"
+    rec = load_json(path)
+    recorded = rec.get("model_sha256") if isinstance(rec, dict) else None
+    if not recorded:
+        return None, f"{path} predates model hashes, so it cannot be matched to {model_path.name}"
+    if not model_path.is_file():
+        return None, f"{path}: model file {model_path} not found"
+    actual = file_sha256(model_path)
+    if actual != recorded:
+        return None, (f"{path} was chosen for another model (sha256 {recorded[:12]}, {model_path.name} has "
+                      f"{actual[:12]}): stale after retraining")
+    return rec, ""
+
+
+def load_threshold(folder: str | Path, model_path: str | Path | None = None) -> dict | None:
+    """The ``threshold.json`` record of a model folder when it belongs to ``model_path``, else None.
+
+    See :func:`load_calibration` (default model: ``folder/model.pt``); a record that exists but is refused
+    raises a :class:`CalibrationWarning` saying why.
+    """
+    rec, why = load_calibration(folder, model_path)
+    if rec is None and (Path(folder) / THRESHOLD_FILE).is_file():
+        warnings.warn(f"ignoring the threshold: {why}", CalibrationWarning, stacklevel=2)
+    return rec
 
 
 def save_calibration(result: EvalResult, threshold: float, cfg: ThresholdConfig, *, threshold_dir: str | Path,
-                     eval_dir: str | Path, config: Any = None, extra: dict | None = None,
-                     save_maps: bool = True) -> None:
+                     eval_dir: str | Path, model_path: str | Path, config: Any = None,
+                     extra: dict | None = None, save_maps: bool = True) -> None:
     """Record a validation calibration: ``threshold.json`` and the validation evaluation.
 
-    ``threshold.json`` goes to ``threshold_dir`` (beside the model); the evaluation (split "val", with its
-    threshold) to ``eval_dir``.
+    ``threshold.json`` goes to ``threshold_dir`` (beside the model) with the map display range of the
+    validation maps (:func:`map_normalization`) and the SHA-256 of ``model_path``, which must already hold
+    the calibrated model; the evaluation (split "val", with its threshold) goes to ``eval_dir``.
     """
     labels = result.scores["label"].to_numpy()
     save_threshold(threshold_dir, threshold, cfg, n_normal=int((labels == 0).sum()),
-                   n_anomalous=int((labels == 1).sum()))
+                   n_anomalous=int((labels == 1).sum()), model_path=model_path,
+                   map_norm=map_normalization(result.maps, labels))
     save_evaluation(result, eval_dir, config=config, save_maps=save_maps,
                     extra={**(extra or {}), "split": "val", "threshold": threshold})
 

@@ -29,20 +29,70 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or made with an incompatible config."""
 
 
+TEMP_SUFFIX = ".tmp"  # temporary files are named .<name>.<pid>.<random>.tmp next to their target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the permissions of a plain ``open()`` (0666 less the umask), not ``mkstemp``'s 0600. The
+    temporary name carries the writer's process id, so :func:`clean_stale_temps` can remove what a killed
+    process left behind without touching the files of one still running.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes left under ``folder`` (recursively).
+
+    Only files named as :func:`atomic_path` names them whose writing process is gone are removed.
+
+    Returns:
+        the removed paths.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.rglob(f".*{TEMP_SUFFIX}"):
+        parts = p.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)  # <name>, <pid>, <random>
+        if len(parts) != 3 or not parts[1].isdigit() or not p.is_file() or _pid_alive(int(parts[1])):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -124,8 +174,12 @@ def code_hash(root: str | Path = REPO_ROOT) -> str:
 
 
 def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create an output folder; refuse to reuse a non-empty one unless ``overwrite=True``."""
+    """Create an output folder; refuse to reuse a non-empty one unless ``overwrite=True``.
+
+    Temporary files of interrupted writes are removed first (:func:`clean_stale_temps`).
+    """
     path = Path(path)
+    clean_stale_temps(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
             f"output folder {path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
@@ -179,3 +233,31 @@ def load_checkpoint(path: str | Path, expected_config: Any | None = None, *,
             details = ", ".join(f"{k}: checkpoint={have.get(k)!r} vs config={want.get(k)!r}" for k in diff)
             raise CheckpointError(f"{path}: made with an incompatible config ({details})")
     return ckpt
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict[str, Any], source: str | Path) -> None:
+    """``module.load_state_dict(state_dict)`` with a one-line :class:`CheckpointError` when they do not fit.
+
+    The error names ``source`` and the first mismatches (missing or unexpected keys, tensors of another
+    shape), which is what a checkpoint from another code version, or edited by hand, looks like.
+    """
+    want = module.state_dict()
+    missing = [k for k in want if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in want]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in state_dict and tuple(getattr(state_dict[k], "shape", v.shape)) != tuple(v.shape)]
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatch (checkpoint vs model)", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{what}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"{source}: its weights do not fit the model its config describes ("
+                              + "; ".join(problems) + "); it was made by another code version or altered: "
+                              "retrain, or load it with the version that wrote it")
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{source}: its weights cannot be loaded ({msg})") from None

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 
 from mudenet_core import __version__, scoring, train
-from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
 from mudenet_core.data.transforms import BatchAugmenter, derive_seed
-from mudenet_core.io import REPO_ROOT, CheckpointError, load_checkpoint, save_checkpoint
+from mudenet_core.io import REPO_ROOT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from mudenet_core.nets.mudenet import MuDeNetNets
 from mudenet_core.scoring import ScoringConfig
 
@@ -30,17 +30,17 @@ from mudenet_core.scoring import ScoringConfig
 class DistillConfig(ConfigBase):
     """Stage 1: teacher distillation from a frozen pretrained backbone (Eq. 16)."""
 
-    epochs: int = 200  # passes over the distillation images (not stated in the paper; our choice)
-    steps: int = 0  # if > 0, a fixed number of steps instead of epochs
-    lr: float = 1e-3  # Adam learning rate
-    batch_size: int = 8  # images per step
-    weight_decay: float = 0.0  # Adam weight decay
+    epochs: int = positive(200)  # passes over the distillation images (not stated in the paper; our choice)
+    steps: int = nonnegative(0)  # if > 0, a fixed number of steps instead of epochs
+    lr: float = positive(1e-3)  # Adam learning rate
+    batch_size: int = positive(8)  # images per step
+    weight_decay: float = nonnegative(0.0)  # Adam weight decay
     # category's training images, a folder of generic images, or both (the folder shows the teacher the
     # backbone's response to colours and textures the category never has; off in every profile)
     source: Literal["train", "folder", "train+folder"] = "train"
     folder: str | None = None  # images for source "folder" / "train+folder" (relative: to the repo root)
-    max_images: int = 0  # cap on folder images (training images for source "train"); 0 = all
-    channel_seed: int = 0  # seed of the random choice of C backbone channels
+    max_images: int = nonnegative(0)  # cap on folder images (training images for source "train"); 0 = all
+    channel_seed: int = nonnegative(0)  # seed of the random choice of C backbone channels
     # scratch: distil per category (the paper's reproduction); pretrained: load the generic teacher distilled
     # once on ImageNet sample + DTD crops (mudenet_core/teacher_zoo.py, EfficientAD-style), then fine-tune it
     # for `steps` steps on the distillation images if steps > 0 (epochs are ignored: 0 steps = no fine-tuning)
@@ -52,45 +52,61 @@ class DistillConfig(ConfigBase):
 class TrainConfig(ConfigBase):
     """Stage 2: end-to-end training of S1, A and S2 (Eqs. 3, 5, 7, 8)."""
 
-    epochs: int = 500  # passes over the training images (paper: 500)
-    steps: int = 0  # if > 0, a fixed number of steps instead of epochs (same schedule for any dataset size)
-    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
-    batch_size: int = 8  # images per step (paper: 8)
-    weight_decay: float = 0.0  # Adam weight decay
+    epochs: int = positive(500)  # passes over the training images (paper: 500)
+    # if > 0, a fixed number of steps instead of epochs (same schedule for any dataset size)
+    steps: int = nonnegative(0)
+    lr: float = positive(1e-3)  # Adam learning rate (paper: 1e-3)
+    batch_size: int = positive(8)  # images per step (paper: 8)
+    weight_decay: float = nonnegative(0.0)  # Adam weight decay
     detach_ae: bool = True  # stop L2's gradient at A's output
-    hard_q: float | None = None  # non-paper: EfficientAD hard-feature quantile for L1/L2 (e.g. 0.999)
-    lr_decay_at: float | None = None  # non-paper: lr x0.1 after this fraction of steps (EfficientAD 0.95)
+    # non-paper: EfficientAD hard-feature quantile for L1/L2 (e.g. 0.999; 0 = plain MSE)
+    hard_q: float | None = bounded(None, ge=0, lt=1)
+    # non-paper: lr x0.1 after this fraction of steps (EfficientAD 0.95)
+    lr_decay_at: float | None = bounded(None, ge=0, le=1)
     penalty_folder: str | None = None  # non-paper: OOD images (e.g. DTD) penalising S1 (relative: to repo)
-    penalty_weight: float = 1.0  # weight of the penalty term
-    penalty_max_images: int = 200  # cap on the number of penalty images held in memory
+    penalty_weight: float = nonnegative(1.0)  # weight of the penalty term
+    penalty_max_images: int = positive(200)  # cap on the number of penalty images held in memory
 
 
 @dataclasses.dataclass(frozen=True)
 class MuDeNetConfig(ConfigBase):
     """MuDeNet: architecture, the two training stages and scoring (defaults = the paper's settings)."""
 
-    image_size: int = 256  # square input size (paper: 256)
+    image_size: int = positive(256)  # square input size (paper: 256)
     backbone: str = "wide_resnet50_2"  # distillation backbone (mudenet_core.nets.backbones)
     backbone_layers: tuple[str, ...] | None = None  # None: DEFAULT_LAYERS[backbone] (strides 4 / 8 / 16)
     pretrained: bool = True  # pretrained backbone weights (False only for tests)
-    width: int = 64  # channels of the descriptor networks' blocks (paper: 64)
-    out_channels: int = 128  # C, descriptor channels per level (paper: 128)
-    latent_dim: int = 32  # Z, autoencoder latent size (paper: 32)
-    ae_width: int = 128  # autoencoder channels (paper: 128)
-    level_blocks: tuple[int, ...] = (1, 2, 2)  # residual blocks added per level (paper: 1, 2, 2)
-    level_kernels: tuple[int, ...] = (3, 3, 5)  # kernel size per level (paper: 3, 3, 5)
+    width: int = positive(64)  # channels of the descriptor networks' blocks (paper: 64)
+    out_channels: int = positive(128)  # C, descriptor channels per level (paper: 128)
+    latent_dim: int = positive(32)  # Z, autoencoder latent size (paper: 32)
+    ae_width: int = positive(128)  # autoencoder channels (paper: 128)
+    level_blocks: tuple[int, ...] = nonnegative((1, 2, 2))  # residual blocks added per level (paper: 1, 2, 2)
+    level_kernels: tuple[int, ...] = positive((3, 3, 5))  # kernel size per level (paper: 3, 3, 5)
     normalize_teacher: bool = True  # z-score teacher maps per channel (EfficientAD practice)
-    checkpoint_every: int = 500  # steps between resume checkpoints (when fit gets a checkpoint_dir)
-    eval_batch_size: int = 8  # batch size for statistics, calibration and prediction
+    # steps between resume checkpoints (when fit gets a checkpoint_dir); 0 = none
+    checkpoint_every: int = nonnegative(500)
+    eval_batch_size: int = positive(8)  # batch size for statistics, calibration and prediction
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     scoring: ScoringConfig = ScoringConfig()
 
     def __post_init__(self):
+        super().__post_init__()  # the declared bounds
         if self.image_size % 32 != 0:
             raise ConfigError(f"MuDeNetConfig.image_size must be a multiple of 32, got {self.image_size}")
-        if len(self.level_blocks) != len(self.level_kernels):
-            raise ConfigError("MuDeNetConfig: level_blocks and level_kernels must have the same length")
+        if not self.level_blocks or len(self.level_blocks) != len(self.level_kernels):
+            raise ConfigError("MuDeNetConfig: level_blocks and level_kernels must have the same length "
+                              f"(>= 1), got {self.level_blocks} and {self.level_kernels}")
+        if any(k % 2 == 0 for k in self.level_kernels):
+            raise ConfigError(
+                f"MuDeNetConfig.level_kernels must be odd ('same' padding), got {self.level_kernels}")
+        # ScoringConfig (mudenet_core/scoring.py) declares no bounds of its own: the ones MuDeNet depends on
+        bad_levels = [v for v in self.scoring.levels if not 1 <= v <= len(self.level_blocks)]
+        if bad_levels:
+            raise ConfigError(f"MuDeNetConfig.scoring.levels must be in [1, {len(self.level_blocks)}] "
+                              f"(1-based levels), got {self.scoring.levels}")
+        if not self.scoring.blur_sigma >= 0:
+            raise ConfigError(f"MuDeNetConfig.scoring.blur_sigma must be >= 0, got {self.scoring.blur_sigma}")
 
 
 # Config keys that fix the networks' shapes: a checkpoint is loadable into a config that agrees on these.
@@ -538,7 +554,7 @@ class MuDeNet:
         except ConfigError as e:
             raise CheckpointError(f"{path}: stored config is not a valid MuDeNetConfig ({e})") from None
         det = cls(cfg)
-        det.nets.load_state_dict(ckpt["state_dict"])
+        load_weights(det.nets, ckpt["state_dict"], path)
         det.device = torch.device(device)
         det.nets.to(det.device).eval()
         det.fitted = True

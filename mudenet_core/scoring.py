@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
 
 BRANCHES = ("structural", "logical")
 
@@ -47,14 +47,15 @@ class ScoringConfig(ConfigBase):
     """
 
     normalization: Literal["minmax", "quantile", "none"] = "minmax"  # per level/branch normalisation
-    q_a: float = 0.9  # quantile mapped to 0 (quantile normalisation)
-    q_b: float = 0.995  # quantile mapped to 0.1 (quantile normalisation)
-    levels: tuple[int, ...] = (1, 2, 3)  # 1-based levels fused into the final map
+    q_a: float = bounded(0.9, ge=0, le=1)  # quantile mapped to 0 (quantile normalisation)
+    q_b: float = bounded(0.995, ge=0, le=1)  # quantile mapped to 0.1 (quantile normalisation)
+    levels: tuple[int, ...] = positive((1, 2, 3))  # 1-based levels fused into the final map
     use_structural: bool = True  # structural branch (X - S1)^2
     use_logical: bool = True  # logical branch (A - S2)^2
-    blur_sigma: float = 4.0  # Gaussian blur (input pixels) after upsampling; 0 = off
+    blur_sigma: float = nonnegative(4.0)  # Gaussian blur (input pixels) after upsampling; 0 = off
 
     def __post_init__(self):
+        super().__post_init__()  # declared bounds and Literal choices
         if not (self.use_structural or self.use_logical):
             raise ConfigError("ScoringConfig: at least one of use_structural / use_logical must be True")
         if not self.levels:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mudenet_core import io, losses, train
-from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
 from mudenet_core.nets.pdn import DescriptorNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # shipped teachers (package data)
@@ -57,37 +57,44 @@ class GenericTeacherConfig(ConfigBase):
     """One generic teacher distillation: the architecture it serves, its data, crops and optimisation."""
 
     # architecture: must agree with the MuDeNetConfig that loads the teacher (see COMPATIBILITY_KEYS)
-    image_size: int = 128  # square crop side H = W (the MuDeNet image_size)
+    image_size: int = positive(128)  # square crop side H = W (the MuDeNet image_size)
     backbone: str = "efficientnet_lite0"  # distillation backbone (mudenet_core.nets.backbones)
     backbone_layers: tuple[str, ...] | None = None  # None: DEFAULT_LAYERS[backbone]
     pretrained: bool = True  # pretrained backbone weights (False: random backbone, tests only)
-    width: int = 32  # teacher block channels
-    out_channels: int = 64  # C, descriptor channels per level
-    level_blocks: tuple[int, ...] = (1, 2, 2)  # residual blocks added per level
-    level_kernels: tuple[int, ...] = (3, 3, 5)  # kernel size per level
-    channel_seed: int = 0  # seed of the random choice of C backbone channels (as DistillConfig.channel_seed)
+    width: int = positive(32)  # teacher block channels
+    out_channels: int = positive(64)  # C, descriptor channels per level
+    level_blocks: tuple[int, ...] = nonnegative((1, 2, 2))  # residual blocks added per level
+    level_kernels: tuple[int, ...] = positive((3, 3, 5))  # kernel size per level
+    # seed of the random choice of C backbone channels (as DistillConfig.channel_seed)
+    channel_seed: int = nonnegative(0)
     # data (folders relative to the repository root, searched recursively)
     folders: tuple[str, ...] = ("../shared/data/imagenet_sample/images", "../shared/data/dtd/images")
-    heldout_images: int = 100  # images of folders[0] held out of training, for the held-out L_dist
-    load_size: int = 224  # images are held in memory as uint8 with this shorter side
+    # images of folders[0] held out of training, for the held-out L_dist
+    heldout_images: int = nonnegative(100)
+    load_size: int = positive(224)  # images are held in memory as uint8 with this shorter side
     crop_scale: tuple[float, float] = (0.1, 1.0)  # crop area as a fraction of the image (RandomResizedCrop)
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # crop aspect-ratio range (log-uniform)
     hflip: bool = True  # random horizontal flips
     vflip: bool = True  # random vertical flips (industrial parts and textures have no "up")
-    color_jitter: float = 0.2  # brightness, contrast and saturation factors in [1 - s, 1 + s]
-    grayscale_p: float = 0.1  # probability of a grey crop (EfficientAD's pretraining uses 0.1)
-    stats_crops: int = 256  # crops (from a generator seeded with seed + 1) fixing the target mean/std
+    # brightness, contrast and saturation factors in [1 - s, 1 + s]
+    color_jitter: float = bounded(0.2, ge=0, lt=1)
+    # probability of a grey crop (EfficientAD's pretraining uses 0.1)
+    grayscale_p: float = bounded(0.1, ge=0, le=1)
+    # crops (from a generator seeded with seed + 1) fixing the target mean/std
+    stats_crops: int = positive(256)
     # optimisation
-    steps: int = 1500  # optimisation steps
-    batch_size: int = 8  # crops per step
-    lr: float = 1e-3  # Adam learning rate
-    lr_decay_at: float | None = 0.9  # lr x0.1 after this fraction of steps (None: constant)
-    weight_decay: float = 0.0  # Adam weight decay
-    seed: int = 0  # teacher initialisation, held-out choice and crops
-    checkpoint_every: int = 100  # steps between checkpoints and held-out evaluations
-    eval_batch_size: int = 16  # batch size of target statistics and held-out evaluation
+    steps: int = nonnegative(1500)  # optimisation steps
+    batch_size: int = positive(8)  # crops per step
+    lr: float = positive(1e-3)  # Adam learning rate
+    # lr x0.1 after this fraction of steps (None: constant)
+    lr_decay_at: float | None = bounded(0.9, gt=0, le=1)
+    weight_decay: float = nonnegative(0.0)  # Adam weight decay
+    seed: int = nonnegative(0)  # teacher initialisation, held-out choice and crops
+    checkpoint_every: int = positive(100)  # steps between checkpoints and held-out evaluations
+    eval_batch_size: int = positive(16)  # batch size of target statistics and held-out evaluation
 
     def __post_init__(self):
+        super().__post_init__()  # declared bounds
         if self.image_size % 32 != 0:
             raise ConfigError(f"GenericTeacherConfig.image_size must be a multiple of 32, got "
                               f"{self.image_size}")

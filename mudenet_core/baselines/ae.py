@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mudenet_core import metrics
 from mudenet_core.baselines.common import gaussian_blur, iterate_images
-from mudenet_core.config import ConfigBase, ConfigError
-from mudenet_core.io import CheckpointError, load_checkpoint, save_checkpoint
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
+from mudenet_core.io import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from mudenet_core.utils import progress, resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,22 +57,34 @@ ARCH_KEYS = ["image_size", "channels", "latent_dim", "bottleneck", "negative_slo
 class AEConfig(ConfigBase):
     """Configuration of the convolutional-autoencoder detector (defaults: the ``paper`` profile)."""
 
-    image_size: int = 256  # H = W of the input; a multiple of 16
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # widths of the 4 encoder blocks (decoder mirrors them)
-    latent_dim: int = 512  # size of the latent code
+    image_size: int = positive(256)  # H = W of the input; a multiple of 16
+    # widths of the 4 encoder blocks (decoder mirrors them)
+    channels: tuple[int, ...] = positive((32, 64, 128, 256))
+    latent_dim: int = positive(512)  # size of the latent code
     bottleneck: Literal["dense", "conv"] = (
         "dense"  # dense: a latent vector; conv: 1x1 conv to latent_dim channels
     )
-    negative_slope: float = 0.2  # LeakyReLU slope
-    epochs: int = 100  # passes over train/good
-    batch_size: int = 16  # training batch size
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 0.0  # Adam weight decay
-    map_sigma: float = 4.0  # Gaussian blur of the error map, in pixels (0: none)
+    negative_slope: float = nonnegative(0.2)  # LeakyReLU slope
+    epochs: int = positive(100)  # passes over train/good
+    batch_size: int = positive(16)  # training batch size
+    lr: float = positive(1e-3)  # Adam learning rate
+    weight_decay: float = nonnegative(0.0)  # Adam weight decay
+    map_sigma: float = nonnegative(4.0)  # Gaussian blur of the error map, in pixels (0: none)
     score_reduction: Literal["max", "mean"] = "max"  # image score from the map
-    threshold_percentile: float = 90.0  # anomaly threshold = this percentile of validation image scores
-    checkpoint_every: int = 1  # epochs between training checkpoints (when fit gets a checkpoint_dir)
-    eval_batch_size: int = 8  # batch size of calibration passes
+    # anomaly threshold = this percentile of validation image scores
+    threshold_percentile: float = bounded(90.0, ge=0, le=100)
+    # epochs between training checkpoints (when fit gets a checkpoint_dir)
+    checkpoint_every: int = positive(1)
+    eval_batch_size: int = positive(8)  # batch size of calibration passes
+
+    def __post_init__(self):
+        super().__post_init__()  # the declared bounds
+        if self.image_size % 16 != 0:
+            raise ConfigError(f"AEConfig.image_size must be a multiple of 16 (four stride-2 blocks), got "
+                              f"{self.image_size}")
+        if len(self.channels) != 4:
+            raise ConfigError(f"AEConfig.channels must name the widths of the 4 encoder blocks, got "
+                              f"{self.channels}")
 
 
 @contextlib.contextmanager
@@ -460,9 +472,8 @@ class ConvAutoencoderDetector:
             )
         det = cls(AEConfig.from_dict(ckpt["config"]))
         sd = ckpt["state_dict"]
-        det.autoencoder.load_state_dict(
-            {k[len("autoencoder.") :]: v for k, v in sd.items() if k.startswith("autoencoder.")}
-        )
+        ae_state = {k[len("autoencoder.") :]: v for k, v in sd.items() if k.startswith("autoencoder.")}
+        load_weights(det.autoencoder, ae_state, path)
         det.threshold = float(sd["threshold"])
         det.device = torch.device(device)
         det.autoencoder.to(det.device).eval()

@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mudenet_core.baselines.common import iterate_images, upsample_and_blur
-from mudenet_core.config import ConfigBase, ConfigError
-from mudenet_core.io import load_checkpoint, save_checkpoint
+from mudenet_core.config import ConfigBase, ConfigError, nonnegative, positive
+from mudenet_core.io import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +45,14 @@ class PaDiMConfig(ConfigBase):
     backbone: str = "resnet18"  # registry name (mudenet_core.nets.backbones): resnet18, wide_resnet50_2, ...
     layers: tuple[str, ...] = ()  # maps to concatenate; () = DEFAULT_LAYERS[backbone] (strides 4/8/16)
     pretrained: bool = True  # ImageNet weights (False only for tests without weights)
-    n_features: int = 100  # d: size of the random channel subset; 0 keeps every channel
-    covariance_eps: float = 0.01  # eps in Sigma + eps * I
+    n_features: int = nonnegative(100)  # d: size of the random channel subset; 0 keeps every channel
+    covariance_eps: float = nonnegative(0.01)  # eps in Sigma + eps * I
     shrinkage: Literal["none", "ledoit_wolf"] = "none"  # covariance estimator (LW: sklearn's formula)
-    blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in image pixels (0 disables)
-    image_size: int = 256  # square input size this profile is meant for (the data pipeline resizes to it)
-    batch_size: int = 8  # images per forward pass during fit
+    blur_sigma: float = nonnegative(4.0)  # Gaussian blur of the upsampled map, in image pixels (0 disables)
+    # square input size this profile is meant for (the data pipeline resizes to it)
+    image_size: int = positive(256)
+    batch_size: int = positive(8)  # images per forward pass during fit
 
-    def __post_init__(self):
-        if self.n_features < 0:
-            raise ConfigError(f"PaDiMConfig.n_features must be >= 0, got {self.n_features}")
-        if self.covariance_eps < 0:
-            raise ConfigError(f"PaDiMConfig.covariance_eps must be >= 0, got {self.covariance_eps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"PaDiMConfig.batch_size must be >= 1, got {self.batch_size}")
 
 
 class GaussianAccumulator:
@@ -331,9 +325,9 @@ class PaDiM:
         state = ckpt["state_dict"]
         for k in ("mean", "inv_cov", "channel_idx", "grid"):  # fitted buffers: resize before loading
             if k not in state:
-                raise ValueError(f"{path}: not a PaDiM checkpoint (state_dict lacks {k!r})")
+                raise CheckpointError(f"{path}: not a PaDiM checkpoint (state_dict lacks {k!r})")
             setattr(model, k, torch.empty_like(state[k]))
-        model.load_state_dict(state)
+        load_weights(model, state, path)
         det._model = model.to(det.device).eval()
         return det
 

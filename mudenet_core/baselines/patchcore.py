@@ -43,8 +43,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mudenet_core.baselines.common import iterate_images, upsample_and_blur
-from mudenet_core.config import ConfigBase, ConfigError
-from mudenet_core.io import load_checkpoint, save_checkpoint
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
+from mudenet_core.io import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from mudenet_core.utils import progress
 
 try:  # optional: exact L2 search on the CPU/GPU; the torch path gives the same neighbours
@@ -60,31 +60,28 @@ class PatchCoreConfig(ConfigBase):
     backbone: str = "wide_resnet50_2"  # registry name (mudenet_core.nets.backbones)
     layers: tuple[str, ...] = ()  # the two mid-level maps; () = the stride-8 and stride-16 DEFAULT_LAYERS
     pretrained: bool = True  # ImageNet weights (False only for tests without weights)
-    patch_size: int = 3  # local neighbourhood p of the average pooling (1 disables it)
-    pretrain_embed_dim: int = 1024  # per-layer adaptive average pooling of each position's channel vector
-    target_embed_dim: int = 1024  # D: final pooling of the stacked layers
-    coreset_ratio: float = 0.1  # fraction of training patches kept in the memory bank (1.0 keeps all)
-    projection_dim: int = 128  # JL random projection used for coreset selection only; 0 = use the features
-    reweight_neighbors: int = 9  # b of the image-score reweighting (>= 2); 0 = plain max patch score
-    blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in image pixels (0 disables)
-    image_size: int = 256  # square input size this profile is meant for (the data pipeline resizes to it)
-    batch_size: int = 8  # images per forward pass during fit
-    chunk_size: int = 16384  # rows per chunk of the coreset / nearest-neighbour distance computations
+    patch_size: int = positive(3)  # local neighbourhood p of the average pooling (1 disables it)
+    # per-layer adaptive average pooling of each position's channel vector
+    pretrain_embed_dim: int = positive(1024)
+    target_embed_dim: int = positive(1024)  # D: final pooling of the stacked layers
+    # fraction of training patches kept in the memory bank (1.0 keeps all)
+    coreset_ratio: float = bounded(0.1, gt=0, le=1)
+    # JL random projection used for coreset selection only; 0 = use the features
+    projection_dim: int = nonnegative(128)
+    # b of the image-score reweighting (>= 2); 0 = plain max patch score
+    reweight_neighbors: int = bounded(9, ge=2, also=(0,))
+    blur_sigma: float = nonnegative(4.0)  # Gaussian blur of the upsampled map, in image pixels (0 disables)
+    # square input size this profile is meant for (the data pipeline resizes to it)
+    image_size: int = positive(256)
+    batch_size: int = positive(8)  # images per forward pass during fit
+    # rows per chunk of the coreset / nearest-neighbour distance computations
+    chunk_size: int = positive(16384)
     use_faiss: bool = True  # use FAISS for nearest-neighbour search when it is installed
 
     def __post_init__(self):
-        if not 0 < self.coreset_ratio <= 1:
-            raise ConfigError(f"PatchCoreConfig.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.reweight_neighbors == 1 or self.reweight_neighbors < 0:
-            raise ConfigError(f"PatchCoreConfig.reweight_neighbors must be 0 (off) or >= 2, got "
-                              f"{self.reweight_neighbors} (with b = 1 the weight is always 0)")
-        if self.patch_size < 1 or self.patch_size % 2 == 0:
+        super().__post_init__()  # the declared bounds (reweight_neighbors: b = 1 would always weigh 0)
+        if self.patch_size % 2 == 0:
             raise ConfigError(f"PatchCoreConfig.patch_size must be positive and odd, got {self.patch_size}")
-        for k in ("pretrain_embed_dim", "target_embed_dim", "batch_size", "chunk_size"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"PatchCoreConfig.{k} must be >= 1, got {getattr(self, k)}")
-        if self.projection_dim < 0:
-            raise ConfigError(f"PatchCoreConfig.projection_dim must be >= 0, got {self.projection_dim}")
 
 
 # --- memory bank: coreset selection and nearest-neighbour search --------------------------------------------
@@ -434,8 +431,8 @@ class PatchCore:
         model = PatchCoreModel(det.config, pretrained=False)
         state = ckpt["state_dict"]
         if "memory_bank" not in state:
-            raise ValueError(f"{path}: not a PatchCore checkpoint (state_dict lacks 'memory_bank')")
+            raise CheckpointError(f"{path}: not a PatchCore checkpoint (state_dict lacks 'memory_bank')")
         model.memory_bank = torch.empty_like(state["memory_bank"])
-        model.load_state_dict(state)
+        load_weights(model, state, path)
         det._model = model.to(det.device).eval()
         return det

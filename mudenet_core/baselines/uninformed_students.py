@@ -54,8 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mudenet_core.baselines.ae import draw_seed, seeded
 from mudenet_core.baselines.common import gaussian_blur, iterate_images
-from mudenet_core.config import ConfigBase, ConfigError
-from mudenet_core.io import REPO_ROOT, CheckpointError, load_checkpoint, save_checkpoint
+from mudenet_core.config import ConfigBase, ConfigError, nonnegative, positive
+from mudenet_core.io import REPO_ROOT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from mudenet_core.utils import progress, resolve_device
 
 LEAKY_SLOPE = 5e-3  # the paper's LeakyReLU slope
@@ -85,39 +85,46 @@ ARCH_KEYS = ["image_size", "patch_sizes", "descriptor_dim", "width", "n_students
 class USConfig(ConfigBase):
     """Configuration of the Uninformed Students detector (defaults: the ``paper`` profile)."""
 
-    image_size: int = 256  # H = W of the input images
-    patch_sizes: tuple[int, ...] = (17, 33, 65)  # one teacher + student ensemble per patch size
-    descriptor_dim: int = 128  # d, descriptor size
-    width: int = 128  # base width w of the patch networks (their 256-channel layers use 2w)
-    n_students: int = 3  # M, ensemble size per scale
+    image_size: int = positive(256)  # H = W of the input images
+    patch_sizes: tuple[int, ...] = positive((17, 33, 65))  # one teacher + student ensemble per patch size
+    descriptor_dim: int = positive(128)  # d, descriptor size
+    width: int = positive(128)  # base width w of the patch networks (their 256-channel layers use 2w)
+    n_students: int = positive(3)  # M, ensemble size per scale
     dense_mode: Literal["dilated", "strided"] = "dilated"  # exact dense output, or strided + upsampling
     # teacher pretraining
     teacher_source: Literal["train", "dtd"] = "train"  # where the pretraining patches come from
     dtd_root: str = ""  # DTD folder for teacher_source="dtd" ("": <repo>/../shared/data/dtd)
-    dtd_max_images: int = 200  # DTD images loaded for pretraining
+    dtd_max_images: int = positive(200)  # DTD images loaded for pretraining
     kd_backbone: str = "resnet18"  # registry backbone that provides the distillation target
     kd_layers: tuple[str, ...] = ("layer4",)  # its layers, global-average-pooled and concatenated
     kd_pretrained: bool = True  # ImageNet weights for the backbone (False: random, for tests only)
-    kd_input_size: int = 224  # patches are resized to this before the backbone
-    teacher_steps: int = 50_000  # optimisation steps per teacher
-    teacher_batch_size: int = 64  # patches per step
-    teacher_lr: float = 2e-4  # Adam learning rate
-    teacher_weight_decay: float = 1e-5  # Adam weight decay
-    lambda_kd: float = 1.0  # weight of the distillation loss
-    lambda_metric: float = 1.0  # weight of the triplet loss
-    lambda_compact: float = 1.0  # weight of the decorrelation loss
-    triplet_margin: float = 1.0  # margin delta of the triplet loss
-    positive_shift: int = 4  # positives: anchor window shifted by up to this many pixels ...
-    positive_noise: float = 0.1  # ... plus Gaussian noise of this std (normalised image units)
+    kd_input_size: int = positive(224)  # patches are resized to this before the backbone
+    teacher_steps: int = positive(50_000)  # optimisation steps per teacher
+    teacher_batch_size: int = positive(64)  # patches per step
+    teacher_lr: float = positive(2e-4)  # Adam learning rate
+    teacher_weight_decay: float = nonnegative(1e-5)  # Adam weight decay
+    lambda_kd: float = nonnegative(1.0)  # weight of the distillation loss
+    lambda_metric: float = nonnegative(1.0)  # weight of the triplet loss
+    lambda_compact: float = nonnegative(1.0)  # weight of the decorrelation loss
+    triplet_margin: float = nonnegative(1.0)  # margin delta of the triplet loss
+    positive_shift: int = nonnegative(4)  # positives: anchor window shifted by up to this many pixels ...
+    positive_noise: float = nonnegative(0.1)  # ... plus Gaussian noise of this std (normalised image units)
     # students
-    student_epochs: int = 100  # passes over train/good per student ensemble
-    student_batch_size: int = 1  # images per step
-    student_crop: int = 0  # train on random crop x crop windows of each image (0: whole images)
-    student_lr: float = 1e-4  # Adam learning rate
-    student_weight_decay: float = 1e-5  # Adam weight decay
+    student_epochs: int = positive(100)  # passes over train/good per student ensemble
+    student_batch_size: int = positive(1)  # images per step
+    student_crop: int = nonnegative(0)  # train on random crop x crop windows of each image (0: whole images)
+    student_lr: float = positive(1e-4)  # Adam learning rate
+    student_weight_decay: float = nonnegative(1e-5)  # Adam weight decay
     # scoring
-    map_sigma: float = 4.0  # Gaussian blur of the final map, in pixels (0: none)
-    eval_batch_size: int = 4  # batch size of statistics, calibration passes
+    map_sigma: float = nonnegative(4.0)  # Gaussian blur of the final map, in pixels (0: none)
+    eval_batch_size: int = positive(4)  # batch size of statistics, calibration passes
+
+    def __post_init__(self):
+        super().__post_init__()  # the declared bounds
+        bad = [p for p in self.patch_sizes if p not in PATCH_ARCHS]
+        if bad or not self.patch_sizes:
+            raise ConfigError(f"USConfig.patch_sizes must be one or more of {sorted(PATCH_ARCHS)}, got "
+                              f"{self.patch_sizes}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -871,7 +878,7 @@ class UninformedStudents:
                 f"{path}: not an UninformedStudents checkpoint (method={ckpt.get('method')!r})"
             )
         det = cls(USConfig.from_dict(ckpt["config"]))
-        det.scales.load_state_dict(ckpt["state_dict"])
+        load_weights(det.scales, ckpt["state_dict"], path)
         det.device = torch.device(device)
         det.scales.to(det.device).eval()
         return det

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ import yaml
 
 from mudenet_core import __version__
 from mudenet_core.config import ConfigError
-from mudenet_core.io import CheckpointError, atomic_write_text, git_sha, prepare_out_dir
+from mudenet_core.io import CheckpointError, atomic_write_text, clean_stale_temps, git_sha, prepare_out_dir
 from mudenet_core.methods import METHODS, get_method, profile_path
 
 PROG = "mudenet"
@@ -25,6 +27,17 @@ RUN_CONFIG_FILE = "config.yaml"  # method, method_config, data_config, seed, git
 SPLIT_FILE = "split.csv"  # the resolved dataset index of a run
 CHECKPOINT_DIR = "checkpoints"  # resumable training state (the method's own files)
 DATA_PREFIX = "data."  # overrides with this prefix go to the data config
+# what each command writes into its output folder (glob patterns): ``--overwrite`` clears these first, so
+# no artefact of an earlier run (a threshold, an evaluation of the old model, an overlay) survives
+TRAIN_OUTPUTS = (MODEL_FILE, RUN_CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR, "train_log.json",
+                 "distill_log.json", "loss_curves_*.png", "threshold.json", "validation", "evaluate",
+                 "predict")
+OWNED_OUTPUTS = {
+    "distill": TRAIN_OUTPUTS,
+    "train": TRAIN_OUTPUTS,
+    "evaluate": ("metrics.json", "metrics.csv", "scores.csv", "maps.npy", "overlays", "figures"),
+    "predict": ("maps", "heatmaps", "overlays", "predictions.csv", "predict_info.json"),
+}
 
 
 class CLIError(Exception):
@@ -33,21 +46,12 @@ class CLIError(Exception):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user asked for something impossible" (no traceback, exit 2)."""
-    types: list[type[BaseException]] = [CLIError, ConfigError, CheckpointError, FileExistsError,
-                                        FileNotFoundError, NotADirectoryError]
-    optional = (("mudenet_core.data.images", "DataError"), ("mudenet_core.metrics", "MetricError"),
-                ("mudenet_core.nets.backbones", "BackboneWeightsError"))
-    for mod, name in optional:
-        try:
-            t = getattr(__import__(mod, fromlist=[name]), name)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(t, type) and issubclass(t, BaseException):
-            types.append(t)
-    return tuple(types)
+    from mudenet_core.data.images import DataError
+    from mudenet_core.metrics import MetricError
+    from mudenet_core.nets.backbones import BackboneWeightsError
 
-
-# ---------------------------------------------------------------------------------------------- resolution
+    return (CLIError, ConfigError, CheckpointError, DataError, MetricError, BackboneWeightsError,
+            FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -190,16 +194,41 @@ def load_detector(args, device: torch.device):
     return ckpt, run, method, detector
 
 
+def clear_outputs(out: Path, command: str) -> list[Path]:
+    """Remove what ``command`` writes (:data:`OWNED_OUTPUTS`) from ``out``; other files stay. Returns them."""
+    removed = sorted({p for pattern in OWNED_OUTPUTS[command] for p in out.glob(pattern)})
+    for p in removed:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return removed
+
+
+def _check_writable(out: Path) -> None:
+    probe = out
+    while not probe.exists():  # the nearest existing ancestor decides whether the folder can be made
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write to {out}: permission denied on {probe} (choose another --output-dir)")
+
+
 def output_dir(args, default: Path | None, *, resume: bool = False) -> Path:
-    """The command's output folder, created; a non-empty one needs --overwrite (or --resume)."""
+    """The command's output folder, created; a non-empty one needs --overwrite (or --resume).
+
+    ``--overwrite`` first removes the command's own earlier outputs (:func:`clear_outputs`); temporary files
+    left by an interrupted write are removed in every case.
+    """
     out = args.output_dir if args.output_dir is not None else default
     if out is None:
         raise CLIError(f"--output-dir is required for `{args.command}`")
     if out.exists() and not out.is_dir():
         raise CLIError(f"output path {out} exists and is not a folder")
+    _check_writable(out)
+    clean_stale_temps(out)
     if resume:
         out.mkdir(parents=True, exist_ok=True)
         return out
+    if out.is_dir() and args.overwrite:
+        for p in clear_outputs(out, args.command):
+            say(f"{args.command}: --overwrite removed {p}")
     try:
         return prepare_out_dir(out, overwrite=args.overwrite)
     except FileExistsError:
@@ -225,14 +254,20 @@ def finite(obj: Any) -> Any:
     return str(obj)
 
 
-def write_run_config(out: Path, args, *, method: str, source: str, cfg: Any, data_cfg: Any) -> Path:
-    """Write the run record ``config.yaml`` (method and data configs, seed, versions) atomically."""
+def write_run_config(out: Path, args, *, method: str, source: str, cfg: Any, data_cfg: Any,
+                     identity: dict | None = None, status: str | None = None) -> Path:
+    """Write the run record ``config.yaml`` atomically.
+
+    It holds the method and data configs, seed, thread count, versions, and for ``distill``/``train`` the
+    run's identity (:mod:`mudenet_core.cli.identity`) and ``status`` (running/finished).
+    """
     record = {
         "command": args.command,
         "method": method,
         "config_source": source,
         "seed": args.seed,
         "device": args.device,
+        "threads": torch.get_num_threads(),
         "method_config": cfg.to_dict(),
         "data_config": data_cfg.to_dict(),
         "config_hash": cfg.config_hash(),
@@ -241,6 +276,10 @@ def write_run_config(out: Path, args, *, method: str, source: str, cfg: Any, dat
         "mudenet_core_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if status is not None:
+        record["status"] = status
+    if identity is not None:
+        record["identity"] = identity
     return atomic_write_text(out / RUN_CONFIG_FILE, yaml.safe_dump(record, sort_keys=False))
 
 

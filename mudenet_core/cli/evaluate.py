@@ -68,13 +68,17 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
     from mudenet_core.data.datasets import make_splits
     from mudenet_core.harness import evaluate, save_evaluation
 
-    test = make_splits(data_cfg).test
+    test = make_splits(data_cfg.replace(preload=False)).test  # decode the test images only, not all three
+    if data_cfg.preload:
+        test.preload(lossy=data_cfg.preload_dtype == "uint8")
     say(f"evaluate: {method} from {ckpt} on {data_cfg.dataset}/{data_cfg.category} ({len(test)} images)")
     result = evaluate(detector, test, batch_size=args.batch_size, device=device,
                       show_progress=not args.no_progress)
-    from mudenet_core.harness import deployment_metrics, load_threshold
+    from mudenet_core.harness import deployment_metrics, load_calibration
 
-    rec = load_threshold(ckpt.parent)
+    rec, why = load_calibration(ckpt.parent, ckpt)
+    if rec is None:
+        say(f"evaluate: no validation threshold for this model ({why}); only the oracle f1_max is reported")
     if rec is not None:  # what a deployment gets at the threshold chosen on validation (f1_max: the oracle)
         result.metrics.update(deployment_metrics(result.scores["label"], result.scores["score"],
                                                  rec["threshold"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mudenet_core import __version__
 from mudenet_core.cli.common import COMMANDS, PROG
+from mudenet_core.config import nonnegative_int
 from mudenet_core.methods import METHODS, PROFILES
 
 
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="model.pt or the folder holding it")
     _add_common(p, trains=False)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--n-overlays", type=int, default=8, help="test images drawn as overlays (default 8)")
+    p.add_argument("--n-overlays", type=nonnegative_int, default=8,
+                   help="test images drawn as overlays (default 8; 0: none)")
     p.add_argument("--no-maps", action="store_true", help="do not write maps.npy")
 
     p = sub.add_parser("predict", help="score an image or a folder of images (no labels needed)",
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="model.pt or the folder holding it")
     p.add_argument("--input", type=Path, required=True, help="an image or a folder (searched recursively)")
     _add_common(p, trains=False)
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (default 1: each image's outputs depend on it alone; larger "
+                        "batches are faster, and maps may then differ in the last float bits with the batch)")
     p.add_argument("--threshold", type=float, default=None,
                    help="score threshold for is_anomalous (default: the one chosen on the validation set at "
                         "training time, threshold.json beside model.pt)")

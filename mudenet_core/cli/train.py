@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from mudenet_core.cli.common import (
     CHECKPOINT_DIR,
     MODEL_FILE,
     PROG,
+    RUN_CONFIG_FILE,
     SPLIT_FILE,
     CLIError,
     data_config,
@@ -25,7 +27,8 @@ from mudenet_core.cli.common import (
     split_overrides,
     write_run_config,
 )
-from mudenet_core.io import git_sha, save_json
+from mudenet_core.cli.identity import FINISHED, RUNNING, identity_diff, run_identity
+from mudenet_core.io import clean_stale_temps, git_sha, save_json
 from mudenet_core.methods import get_method, training_split
 
 
@@ -84,10 +87,50 @@ def _save_loss_curves(log: Any, out: Path) -> None:
 # ------------------------------------------------------------------------------------------------ commands
 
 
-def _prepare_training(args, overrides: list[str], check=None):
-    """Resolve device, configs and output folder, seed, build the splits (saving split.csv).
+@dataclasses.dataclass
+class Prepared:
+    """Everything a training command resolved before its first step."""
 
-    ``check(method, detector_class)`` may raise a :class:`CLIError` before anything is written.
+    device: torch.device
+    method: str
+    cfg: Any  # the method config
+    source: str  # where the method config came from
+    data_cfg: Any  # DataConfig
+    out: Path
+    generator: torch.Generator
+    splits: Any  # Splits
+    identity: dict[str, Any]  # see mudenet_core.cli.identity
+
+
+def _resume_check(out: Path, identity: dict[str, Any], command: str) -> bool:
+    """Whether ``out`` holds a finished run of this identity; a CLIError when it holds another run.
+
+    Nothing is written: this runs before the output folder is touched.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        return False  # nothing to resume: a fresh start
+    record = read_run(out)
+    if record is None:
+        raise CLIError(f"cannot resume {out}: it holds no run record ({RUN_CONFIG_FILE}); pass --overwrite "
+                       "to start over, or choose another --output-dir")
+    if "identity" not in record:
+        raise CLIError(f"cannot resume {out}: its run was made by an older version that recorded no "
+                       "identity, so it cannot be checked; pass --overwrite to start over")
+    diff = identity_diff(record["identity"], identity)
+    if diff:
+        more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+        hint = (f"; to train on a distilled teacher use `{PROG} train --init {out}`"
+                if record["identity"].get("command") == "distill" and command == "train" else "")
+        raise CLIError(f"cannot resume {out}: it is another run: " + "; ".join(diff[:4]) + more
+                       + f"{hint}; use another --output-dir, or --overwrite to replace it")
+    return record.get("status") == FINISHED
+
+
+def _prepare_training(args, overrides: list[str], check=None) -> Prepared | None:
+    """Resolve device, configs, identity and output folder, seed, build the splits (saving split.csv).
+
+    ``check(method, detector_class)`` may raise a :class:`CLIError` before anything is written. Returns None
+    when ``--resume`` finds the run already finished (nothing to do).
     """
     device = resolve_device_arg(args.device)
     method_over, data_over = split_overrides(overrides)
@@ -101,18 +144,27 @@ def _prepare_training(args, overrides: list[str], check=None):
     data_cfg = data_config(args, cfg, recorded_data, data_over)
     if check is not None:
         check(method, get_method(method)[0])
-    out = output_dir(args, None, resume=args.resume)
-    from mudenet_core.data.datasets import make_splits
+    from mudenet_core.data.datasets import build_index, make_splits
     from mudenet_core.utils import seed_everything
 
+    identity = run_identity(command=args.command, method=method, cfg=cfg, data_cfg=data_cfg,
+                            index=build_index(data_cfg), seed=args.seed)
+    if args.resume and args.output_dir is not None and _resume_check(args.output_dir, identity, args.command):
+        clean_stale_temps(args.output_dir)
+        say(f"{args.command}: {args.output_dir} is a finished run with these settings; nothing to do "
+            "(pass --overwrite instead of --resume to run it again)")
+        return None
+    out = output_dir(args, None, resume=args.resume)
     generator = seed_everything(args.seed)
     aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))  # own stream for augmentations
     splits = make_splits(data_cfg, save_split_to=out / SPLIT_FILE,
                          generator=torch.Generator().manual_seed(aug_seed))
+    write_run_config(out, args, method=method, source=source, cfg=cfg, data_cfg=data_cfg, identity=identity,
+                     status=RUNNING)
     say(f"{args.command}: method={method} ({source}), config_hash={cfg.config_hash()}, "
-         f"data={data_cfg.dataset}/{data_cfg.category} (train {len(splits.train)}, val {len(splits.val)}, "
-         f"test {len(splits.test)}), device={device}, output={out}")
-    return device, method, cfg, source, data_cfg, out, generator, splits
+        f"data={data_cfg.dataset}/{data_cfg.category} (train {len(splits.train)}, val {len(splits.val)}, "
+        f"test {len(splits.test)}), device={device}, threads={torch.get_num_threads()}, output={out}")
+    return Prepared(device, method, cfg, source, data_cfg, out, generator, splits, identity)
 
 
 def cmd_distill(args, overrides: list[str]) -> int:
@@ -121,42 +173,52 @@ def cmd_distill(args, overrides: list[str]) -> int:
         if not callable(getattr(det_cls, "distill", None)):
             raise CLIError(f"method {name!r} has no distillation step; use `{PROG} train --method {name}`")
 
-    device, method, cfg, source, data_cfg, out, generator, splits = _prepare_training(args, overrides, check)
-    det_cls, _ = get_method(method)
-    detector = det_cls(cfg)
-    log = detector.distill(splits.train, generator=generator, device=device,
+    run = _prepare_training(args, overrides, check)
+    if run is None:
+        return 0
+    out = run.out
+    detector = get_method(run.method)[0](run.cfg)
+    log = detector.distill(run.splits.train, generator=run.generator, device=run.device,
                            show_progress=not args.no_progress, checkpoint_dir=out / CHECKPOINT_DIR,
                            resume=args.resume)
-    write_run_config(out, args, method=method, source=source, cfg=cfg, data_cfg=data_cfg)
     save_json(out / "distill_log.json", finite(log if log is not None else {}))
     _save_loss_curves(log, out)
+    write_run_config(out, args, method=run.method, source=run.source, cfg=run.cfg, data_cfg=run.data_cfg,
+                     identity=run.identity, status=FINISHED)
     say(f"distill: wrote {out / CHECKPOINT_DIR}; continue with `{PROG} train --init {out} --output-dir ...`")
     return 0
 
 
 def cmd_train(args, overrides: list[str]) -> int:
     """``mudenet train``: fit a detector; save model.pt, config.yaml, split.csv, train_log.json, curves."""
-    device, method, cfg, source, data_cfg, out, generator, splits = _prepare_training(args, overrides)
-    det_cls, _ = get_method(method)
+    run = _prepare_training(args, overrides)
+    if run is None:
+        return 0
+    out, device, splits = run.out, run.device, run.splits
+    det_cls, _ = get_method(run.method)
     resume = args.resume
     if args.init is not None and not (args.resume and any((out / CHECKPOINT_DIR).glob("*"))):
         shutil.copytree(args.init / CHECKPOINT_DIR, out / CHECKPOINT_DIR, dirs_exist_ok=True)
         resume = True
         say(f"train: continuing from {args.init / CHECKPOINT_DIR}")
-    detector = det_cls(cfg)
-    log = detector.fit(training_split(det_cls, splits), splits.val, generator=generator, device=device,
+    detector = det_cls(run.cfg)
+    log = detector.fit(training_split(det_cls, splits), splits.val, generator=run.generator, device=device,
                        show_progress=not args.no_progress, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume)
     detector.save(out / MODEL_FILE)
-    write_run_config(out, args, method=method, source=source, cfg=detector.config, data_cfg=data_cfg)
     save_json(out / "train_log.json", finite(log if log is not None else {}))
     _save_loss_curves(log, out)
     _calibrate_threshold(args, detector, splits, out, device)
+    write_run_config(out, args, method=run.method, source=run.source, cfg=detector.config,
+                     data_cfg=run.data_cfg, identity=run.identity, status=FINISHED)
     say(f"train: wrote {out / MODEL_FILE}")
     return 0
 
 
 def _calibrate_threshold(args, detector, splits, out: Path, device: torch.device) -> float:
-    """Choose the decision threshold on the synthetic-anomaly validation set; write threshold.json."""
+    """Choose the threshold and heat-map range on the synthetic-anomaly validation set; write threshold.json.
+
+    ``out / MODEL_FILE`` must already hold the detector: threshold.json records its SHA-256.
+    """
     from mudenet_core.data import synthesis
     from mudenet_core.harness import ThresholdConfig, calibrate_threshold, save_calibration
 
@@ -167,6 +229,7 @@ def _calibrate_threshold(args, detector, splits, out: Path, device: torch.device
     tcfg = ThresholdConfig() if q is None else ThresholdConfig(quantile=q)
     result, threshold = calibrate_threshold(detector, val_set, cfg=tcfg, device=device)
     save_calibration(result, threshold, tcfg, threshold_dir=out, eval_dir=out / "validation",
+                     model_path=out / MODEL_FILE,  # saved by cmd_train before this call: its hash is recorded
                      config=detector.config, save_maps=False, extra={"git_sha": git_sha()})
     labels = result.scores["label"].to_numpy()
     shown = ("image_auroc", "pixel_auroc", "au_pro")

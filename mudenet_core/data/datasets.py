@@ -12,6 +12,13 @@ augmented, and only when asked (``DataConfig.augment_policy="table"`` or an expl
 is one recipe for every category, no augmentation. Training-free methods fit on
 :attr:`Splits.train_unaugmented`.
 
+Bad data fails before training. :func:`build_index` checks every file (:func:`check_index`): image
+headers, the pixel limit ``DataConfig.max_image_pixels``, and the masks of defect images by the mask rule of
+:mod:`mudenet_core.data.images` (background 0, a label mask, not empty); ``DataConfig.strict`` makes a bad
+mask a :class:`DataError` (default) or a :class:`DataWarning`. :func:`make_splits` then decodes every image
+once (``DataConfig.preload``) and keeps the resized tensors in memory, so a corrupt file fails there, with
+the file's name, and ``__getitem__`` reads no file afterwards.
+
 Example:
     >>> import tempfile
     >>> from mudenet_core.data import synthetic
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -37,8 +45,19 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from mudenet_core.config import ConfigBase, ConfigError
-from mudenet_core.data.images import DataError, image_size, list_images, load_image, load_mask
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative
+from mudenet_core.data.images import (
+    MAX_IMAGE_PIXELS,
+    DataError,
+    DataWarning,
+    binarize_mask,
+    check_image,
+    image_size,
+    list_images,
+    load_image,
+    load_mask,
+    mask_problem,
+)
 from mudenet_core.data.transforms import (
     AugmentConfig,
     augment,
@@ -50,6 +69,7 @@ from mudenet_core.data.transforms import (
     to_tensor,
 )
 from mudenet_core.io import load_json, save_csv
+from mudenet_core.utils import progress
 
 DatasetName = Literal["synthetic", "mvtec_ad", "mvtec_loco", "visa", "mpdd", "folder"]
 
@@ -70,32 +90,53 @@ class DataConfig(ConfigBase):
     dataset: DatasetName = "synthetic"  # dataset layout
     root: str = ""  # dataset root (holds the category folders); "" = the generated dataset (default root)
     category: str = "plate"  # category (object/texture) folder name
-    image_size: int = 256  # square side H = W after resizing
+    image_size: int = bounded(256, ge=8)  # square side H = W after resizing
     normalize: bool = True  # ImageNet mean/std normalisation of "image"
-    val_fraction: float = 0.1  # fraction of train/good held out for validation (ignored by mvtec_loco)
-    split_seed: int = 0  # seed of the train/val (and folder test) split
+    # fraction of train/good held out for validation (ignored by mvtec_loco)
+    val_fraction: float = bounded(0.1, ge=0, lt=1)
+    split_seed: int = nonnegative(0)  # seed of the train/val (and folder test) split
     # "none": no training augmentation, the same for every category (our protocol's default); "table": the
     # opt-in per-category table configs/augment/<dataset>.yaml (our choices, not the paper's)
     augment_policy: Literal["none", "table"] = "none"
     augment: AugmentConfig | None = None  # explicit training augmentation for this run; wins over the policy
-    validate: bool = True  # check every file's header (decodable, mask size == image size) when indexing
+    # check every file when indexing: headers (decodable, within max_image_pixels, mask size == image size)
+    # and defect images' masks (mask rule of mudenet_core.data.images: background 0, label mask, non-empty)
+    validate: bool = True
+    strict: bool = True  # a mask breaking the mask rule is a DataError; False: a DataWarning, mask still used
+    # decode every image once when the splits are made (a corrupt file fails then, before any training) and
+    # keep the resized image and mask in memory; False: read files in __getitem__ (data too big for memory)
+    preload: bool = True
+    # preload cache: "exact" keeps uint8 where that is exact (8-bit images already at image_size), else
+    # float32 (items bit-identical to reading the files; ~0.8 MB per 256 px image); "uint8": always uint8
+    # (4x smaller; resized pixels rounded to steps of 1/255)
+    preload_dtype: Literal["exact", "uint8"] = "exact"
+    # refuse images with more pixels (width x height); 0 = no limit
+    max_image_pixels: int = nonnegative(MAX_IMAGE_PIXELS)
+    # decode large images at a reduced scale that still covers image_size (JPEG: codec draft, others: integer
+    # box-averaging): bounded memory for high-resolution images; pixels differ slightly from a full decode
+    reduce_on_load: bool = False
     folder_normal_dir: str = "good"  # folder dataset: normal images (relative to root, or absolute)
     folder_anomaly_dir: str = ""  # folder dataset: anomalous test images ("" = none)
     folder_mask_dir: str = ""  # folder dataset: masks named <stem><suffix>.<ext> ("" = no masks)
     folder_mask_suffix: str = ""  # folder dataset: e.g. "_mask" for 000_mask.png
     folder_test_normal_dir: str = ""  # folder dataset: normal test images ("" = hold some normals out)
-    folder_test_fraction: float = 0.2  # folder dataset: fraction of normal images held out for test
+    # folder dataset: fraction of normal images held out for test
+    folder_test_fraction: float = bounded(0.2, ge=0, lt=1)
 
     def __post_init__(self):
         if isinstance(self.augment, dict):  # DataConfig(augment={...}) as well as from_dict
             object.__setattr__(self, "augment", AugmentConfig.from_dict(self.augment))
-        if self.image_size < 8:
-            raise ConfigError(f"DataConfig.image_size must be >= 8, got {self.image_size}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"DataConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.folder_test_fraction < 1.0:
+        super().__post_init__()  # declared bounds and Literal choices
+        for name in ("strict", "preload", "reduce_on_load"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"DataConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.preload_dtype not in ("exact", "uint8"):
             raise ConfigError(
-                f"DataConfig.folder_test_fraction must be in [0, 1), got {self.folder_test_fraction}")
+                f"DataConfig.preload_dtype must be 'exact' or 'uint8', got {self.preload_dtype!r}")
+        px = self.max_image_pixels
+        if isinstance(px, bool) or not isinstance(px, int | np.integer) or px < 0:
+            raise ConfigError(
+                f"DataConfig.max_image_pixels must be an integer >= 0 (0 = no limit), got {px!r}")
 
     def resolved_augment(self) -> AugmentConfig:
         """``augment`` if set; else none (policy "none") or the category's table entry (policy "table").
@@ -382,18 +423,25 @@ class AnomalyDataset(Dataset):
             ``__getitem__`` then uses its own generator seeded from (that seed, epoch, item, times fetched),
             so the augmentations are deterministic whatever the batch order, and differ between epochs.
             With ``num_workers > 0`` call :meth:`set_epoch` every epoch (workers do not share fetch counts).
+        max_pixels: pixel limit of every image and mask read (:func:`~mudenet_core.data.images.load_image`).
+        reduce_on_load: decode images reduced to no less than ``image_size`` (``load_image(reduce_to=...)``).
 
     ``augment`` is the (non-identity) augmentation or None; :meth:`without_augment` gives the same images
-    un-augmented (training-free methods, and methods that augment on the fly such as MuDeNet).
+    un-augmented (training-free methods, and methods that augment on the fly such as MuDeNet). After
+    :meth:`preload` the resized images and masks come from memory; augmentation and normalisation are applied
+    afterwards, as without the cache, so the items are the same.
     """
 
     def __init__(self, index: pd.DataFrame, *, image_size: int, normalize: bool = True,
-                 augment: AugmentConfig | None = None, generator: torch.Generator | None = None):
+                 augment: AugmentConfig | None = None, generator: torch.Generator | None = None,
+                 max_pixels: int = MAX_IMAGE_PIXELS, reduce_on_load: bool = False):
         missing = [c for c in INDEX_COLUMNS if c not in index.columns]
         assert not missing, f"index is missing column(s) {missing}"
         self.index = index.reset_index(drop=True)
         self.image_size = int(image_size)
         self.normalize = bool(normalize)
+        self.max_pixels = int(max_pixels)
+        self.reduce_on_load = bool(reduce_on_load)
         self.augment = augment if augment is not None and not augment.is_identity else None
         if self.augment is not None and generator is None:
             raise ValueError("augmentation needs an explicit torch.Generator (pass generator=...)")
@@ -401,6 +449,8 @@ class AnomalyDataset(Dataset):
                            if self.augment is not None else 0)
         self._epoch = 0
         self._fetches = np.zeros(len(self.index), dtype=np.int64)
+        self._images: list[torch.Tensor] | None = None  # preloaded (3, H, W) uint8 or float32 in [0, 1]
+        self._masks: list[torch.Tensor | None] | None = None  # preloaded (1, H, W) bool; None: no mask file
 
     def __len__(self) -> int:
         return len(self.index)
@@ -411,7 +461,7 @@ class AnomalyDataset(Dataset):
         self._fetches[:] = 0
 
     def without_augment(self, *, normalize: bool | None = None) -> AnomalyDataset:
-        """A copy of this dataset (same index and size) with augmentation off.
+        """A copy of this dataset (same index, size and preloaded tensors) with augmentation off.
 
         Args:
             normalize: ImageNet-normalise the copy's images (None: as this dataset does; False gives images in
@@ -429,7 +479,10 @@ class AnomalyDataset(Dataset):
         return torch.Generator().manual_seed(seed)
 
     def load_mask(self, i: int, size: tuple[int, int]) -> torch.Tensor:
-        """The ground-truth mask of item ``i`` at its original size: (1, H0, W0) float in {0, 1}."""
+        """The ground-truth mask of item ``i`` at its original size: (1, H0, W0) float in {0, 1}.
+
+        Defect pixels as :func:`~mudenet_core.data.images.binarize_mask` reads them (non-zero, if valid).
+        """
         row = self.index.iloc[i]
         if not row["mask_path"]:
             return torch.zeros(1, *size)
@@ -439,18 +492,77 @@ class AnomalyDataset(Dataset):
             raise DataError(f"mask folder {mp} holds no mask image")
         m = np.zeros(size, dtype=bool)
         for f in files:
-            arr = load_mask(f)
+            arr = load_mask(f, max_pixels=self.max_pixels)
             if arr.shape != size:
                 raise DataError(f"mask {f} has size {arr.shape[1]}x{arr.shape[0]} but its image "
                                 f"{row['image_path']} is {size[1]}x{size[0]}")
-            m |= arr > 0
+            m |= binarize_mask(arr)
         return torch.from_numpy(m)[None].float()
+
+    def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read item ``i`` from disk: image (3, H, W) float in [0, 1] and mask (1, H, W) float in {0, 1}."""
+        path = self.index["image_path"].iloc[i]
+        reduce_to = self.image_size if self.reduce_on_load else None
+        img = load_image(path, max_pixels=self.max_pixels, reduce_to=reduce_to)  # (H0, W0, 3) in [0, 1]
+        hw = img.shape[:2] if reduce_to is None else check_image(path, max_pixels=0)[::-1]  # size on disk
+        image = resize_image(to_tensor(img), self.image_size)  # (3, H, W)
+        mask = resize_mask(self.load_mask(i, tuple(hw)), self.image_size)  # (1, H, W)
+        return image, mask
+
+    def preload(self, *, lossy: bool = False, bar=None) -> AnomalyDataset:
+        """Decode every item once now (a corrupt file fails here); keep its resized image and mask in memory.
+
+        Images are kept as uint8 where that is exact (8-bit images that need no resizing), else as float32, so
+        items are bit-identical to reading the files; ``lossy=True`` keeps uint8 always (4x smaller: resized
+        pixels rounded to steps of 1/255). Masks are kept as bool, and only for rows with a mask file.
+
+        Args:
+            lossy: always keep images as uint8.
+            bar: a progress bar to advance by one per item (:func:`mudenet_core.utils.progress`), or None.
+
+        Returns:
+            this dataset (copies made by :meth:`without_augment` afterwards share the tensors).
+        """
+        images, masks = [], []
+        has_mask = self.index["mask_path"].astype(bool).to_numpy()
+        for i in range(len(self)):
+            image, mask = self._decode(i)
+            q = (image * 255.0).round_().to(torch.uint8)  # (3, H, W)
+            images.append(q if lossy or torch.equal(q.float() / 255.0, image) else image)
+            masks.append(mask > 0.5 if has_mask[i] else None)
+            if bar is not None:
+                bar.update(1)
+        self._images, self._masks = images, masks
+        return self
+
+    @property
+    def preloaded(self) -> bool:
+        """Whether the items come from memory (:meth:`preload`)."""
+        return self._images is not None
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes held by the preloaded images and masks (0 when not preloaded)."""
+        if self._images is None:
+            return 0
+        tensors = self._images + [m for m in self._masks if m is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _take_preloaded(self, source: AnomalyDataset, positions: np.ndarray) -> None:
+        """Share ``source``'s preloaded tensors of its rows ``positions`` (this dataset's rows, in order)."""
+        if source._images is not None:
+            self._images = [source._images[j] for j in positions]
+            self._masks = [source._masks[j] for j in positions]
 
     def __getitem__(self, i: int) -> dict:
         row = self.index.iloc[i]
-        img = load_image(row["image_path"])  # (H0, W0, 3) in [0, 1]
-        image = resize_image(to_tensor(img), self.image_size)  # (3, H, W)
-        mask = resize_mask(self.load_mask(i, img.shape[:2]), self.image_size)  # (1, H, W)
+        if self._images is None:
+            image, mask = self._decode(i)  # (3, H, W), (1, H, W)
+        else:
+            cached = self._images[i]
+            image = cached.float() / 255.0 if cached.dtype == torch.uint8 else cached.clone()
+            m = self._masks[i]
+            mask = m.float() if m is not None else torch.zeros(1, self.image_size, self.image_size)
         if self.augment is not None:
             image, mask = augment(image, mask, self.augment, self._item_generator(i))
         if self.normalize:
@@ -504,8 +616,10 @@ class MVTecLOCOTestDataset(AnomalyDataset):
     """
 
     def __init__(self, index: pd.DataFrame, *, image_size: int, normalize: bool = True,
-                 defects_config: str | Path | None = None):
-        super().__init__(index, image_size=image_size, normalize=normalize)
+                 defects_config: str | Path | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                 reduce_on_load: bool = False):
+        super().__init__(index, image_size=image_size, normalize=normalize, max_pixels=max_pixels,
+                         reduce_on_load=reduce_on_load)
         assert "subset" in self.index.columns, "MVTec LOCO index needs a 'subset' column"
         self.defects_config = Path(defects_config) if defects_config is not None else None
         self._specs = (load_defects_config(self.defects_config)
@@ -516,9 +630,12 @@ class MVTecLOCOTestDataset(AnomalyDataset):
         """The good test images plus the anomalies of one kind."""
         if kind not in ("logical", "structural"):
             raise ValueError(f"kind must be 'logical' or 'structural', got {kind!r}")
-        sel = self.index[self.index["subset"].isin(["good", kind])]
-        return MVTecLOCOTestDataset(sel, image_size=self.image_size, normalize=self.normalize,
-                                    defects_config=self.defects_config)
+        keep = self.index["subset"].isin(["good", kind]).to_numpy()
+        out = MVTecLOCOTestDataset(self.index[keep], image_size=self.image_size, normalize=self.normalize,
+                                   defects_config=self.defects_config, max_pixels=self.max_pixels,
+                                   reduce_on_load=self.reduce_on_load)
+        out._take_preloaded(self, np.flatnonzero(keep))
+        return out
 
     def _threshold(self, value: int, area_eval: int, orig_hw: tuple[int, int], mask_file: Path) -> float:
         if self._specs is None:
@@ -548,7 +665,8 @@ class MVTecLOCOTestDataset(AnomalyDataset):
             regions = []
             if row["label"] == 1:
                 for f in list_images(row["mask_path"]):
-                    arr = load_mask(f)  # (H0, W0) pixel values
+                    arr = load_mask(f, max_pixels=self.max_pixels)  # (H0, W0) pixel values
+                    arr = np.where(binarize_mask(arr), arr, 0)  # a non-zero background (strict=False) -> 0
                     for v in np.unique(arr[arr > 0]):
                         region0 = torch.from_numpy(arr == v)[None].float()  # (1, H0, W0)
                         region = resize_mask(region0, self.image_size)[0].numpy() > 0.5  # (H, W)
@@ -585,8 +703,53 @@ class Splits:
         return self.train.without_augment()
 
 
+def check_index(df: pd.DataFrame, cfg: DataConfig) -> None:
+    """Check the files of an index before any training (:func:`build_index` does, when ``cfg.validate``).
+
+    * every image: a readable header, and no more pixels than ``cfg.max_image_pixels`` as it will be decoded
+      (reduced for JPEGs when ``cfg.reduce_on_load``);
+    * every mask of a defect image: the mask rule of :mod:`mudenet_core.data.images` (the background, the most
+      common border value, is 0; at most ``MASK_MAX_VALUES`` values), and at least one defect (non-zero)
+      pixel in the image's mask or, for MVTec LOCO, in the union of its mask folder. Defect images without a
+      mask file (a folder dataset without masks: image-level labels only) are not checked.
+
+    Raises:
+        DataError: naming the (first) bad file, when ``cfg.strict``. Otherwise one :class:`DataWarning` lists
+            the bad masks, which are then read by :func:`~mudenet_core.data.images.binarize_mask`.
+    """
+    reduce_to = cfg.image_size if cfg.reduce_on_load else None
+    problems = []
+    for row in df.itertuples(index=False):
+        check_image(row.image_path, max_pixels=cfg.max_image_pixels, reduce_to=reduce_to)
+        if row.label != 1 or not row.mask_path:
+            continue
+        mp = Path(row.mask_path)
+        defect = False
+        for f in list_images(mp) if mp.is_dir() else [mp]:
+            arr = load_mask(f, max_pixels=cfg.max_image_pixels)  # (H0, W0) pixel values
+            problem = mask_problem(arr)
+            if problem is not None:
+                problems.append(f"mask {f}: {problem}")
+            defect = defect or bool(binarize_mask(arr).any())
+        if not defect:
+            problems.append(f"mask {mp}: empty (no defect pixel), but {row.image_path} is a defect image")
+    if not problems:
+        return
+    if cfg.strict:
+        more = f" (and {len(problems) - 1} more bad mask(s))" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; fix the mask(s), or pass DataConfig(strict=False) to use them "
+                        f"with a warning")
+    shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+    warnings.warn(f"{cfg.dataset}/{cfg.category}: {len(problems)} mask(s) break the mask rule of "
+                  f"mudenet_core.data.images and are used as well as possible (strict=False): {shown}",
+                  DataWarning, stacklevel=3)
+
+
 def build_index(cfg: DataConfig) -> pd.DataFrame:
-    """The resolved index of ``cfg``: ``split`` in {"train", "val", "test"}, val drawn by ``split_seed``."""
+    """The resolved index of ``cfg``: ``split`` in {"train", "val", "test"}, val drawn by ``split_seed``.
+
+    With ``cfg.validate`` every file is checked (:func:`check_index`).
+    """
     if cfg.dataset == "synthetic":
         from mudenet_core.data import synthetic
 
@@ -595,28 +758,40 @@ def build_index(cfg: DataConfig) -> pd.DataFrame:
     elif cfg.dataset in ("mvtec_ad", "mpdd"):
         df = index_mvtec_ad(cfg.root, cfg.category, dataset=cfg.dataset, validate=cfg.validate)
     elif cfg.dataset == "mvtec_loco":
-        return index_mvtec_loco(cfg.root, cfg.category, validate=cfg.validate)
+        df = index_mvtec_loco(cfg.root, cfg.category, validate=cfg.validate)
     elif cfg.dataset == "visa":
         df = index_visa(cfg.root, cfg.category, validate=cfg.validate)
     elif cfg.dataset == "folder":
         df = index_folder(cfg)
     else:  # pragma: no cover - Literal already checked by from_dict
         raise ConfigError(f"unknown dataset {cfg.dataset!r}")
+    if cfg.validate:
+        check_index(df, cfg)
+    if cfg.dataset == "mvtec_loco":  # the val split is validation/good, already in the index
+        return df
     train_pos = np.flatnonzero(df["split"].to_numpy() == "train")
     held = _carve(len(train_pos), cfg.val_fraction, cfg.split_seed, f"validation ({cfg.category})")
     df.loc[train_pos[held], "split"] = "val"
     return _rows_to_index(df.to_dict("records"), extra=tuple(c for c in df.columns if c not in INDEX_COLUMNS))
 
 
+PRELOAD_PROGRESS_MIN = 100  # show a progress bar when preloading at least this many images
+
+
 def make_splits(cfg: DataConfig, *, save_split_to: str | Path | None = None,
-                generator: torch.Generator | None = None) -> Splits:
+                generator: torch.Generator | None = None, show_progress: bool = True) -> Splits:
     """Build the train (augmented if ``cfg`` asks), val and test datasets of one category.
+
+    With ``cfg.preload`` every image of the three splits is decoded here, once (a corrupt file is a
+    :class:`DataError` naming it, before any training), and kept resized in memory
+    (:meth:`AnomalyDataset.preload`).
 
     Args:
         cfg: the data config.
         save_split_to: write the resolved index there as CSV; a folder (existing, or a path without suffix)
             gets ``<dataset>_<category>.csv``.
         generator: seeds the training augmentations (default: a generator seeded with ``cfg.split_seed``).
+        show_progress: a progress bar while preloading (only for at least ``PRELOAD_PROGRESS_MIN`` images).
 
     Returns:
         :class:`Splits` (train/val/test are disjoint; val comes from train/good, or validation/good for LOCO).
@@ -628,16 +803,22 @@ def make_splits(cfg: DataConfig, *, save_split_to: str | Path | None = None,
     def part(split: str) -> pd.DataFrame:
         return df[df["split"] == split].reset_index(drop=True)
 
+    common = dict(image_size=cfg.image_size, normalize=cfg.normalize, max_pixels=cfg.max_image_pixels,
+                  reduce_on_load=cfg.reduce_on_load)
     aug = cfg.resolved_augment()
-    train = AnomalyDataset(part("train"), image_size=cfg.image_size, normalize=cfg.normalize, augment=aug,
-                           generator=generator)
-    val = AnomalyDataset(part("val"), image_size=cfg.image_size, normalize=cfg.normalize)
+    train = AnomalyDataset(part("train"), augment=aug, generator=generator, **common)
+    val = AnomalyDataset(part("val"), **common)
     if cfg.dataset == "mvtec_loco":
         defects = Path(cfg.root).expanduser() / cfg.category / "defects_config.json"
-        test = MVTecLOCOTestDataset(part("test"), image_size=cfg.image_size, normalize=cfg.normalize,
-                                    defects_config=defects)
+        test = MVTecLOCOTestDataset(part("test"), defects_config=defects, **common)
     else:
-        test = AnomalyDataset(part("test"), image_size=cfg.image_size, normalize=cfg.normalize)
+        test = AnomalyDataset(part("test"), **common)
+    if cfg.preload:
+        total = len(train) + len(val) + len(test)
+        with progress(total=total, desc=f"decoding {cfg.dataset}/{cfg.category}",
+                      enabled=show_progress and total >= PRELOAD_PROGRESS_MIN) as bar:
+            for ds in (train, val, test):
+                ds.preload(lossy=cfg.preload_dtype == "uint8", bar=bar)
     splits = Splits(train=train, val=val, test=test, index=df, config=cfg)
     if save_split_to is not None:
         path = Path(save_split_to)

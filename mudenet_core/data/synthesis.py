@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
-from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
 from mudenet_core.data.images import IMAGE_EXTENSIONS, DataError, load_image
 from mudenet_core.data.transforms import denormalize, normalize, to_tensor
 from mudenet_core.utils import progress
@@ -59,34 +59,37 @@ class SynthesisConfig(ConfigBase):
     """Local anomaly synthesis (GLASS LAS). Defaults = the official GLASS code."""
 
     texture_dir: str = ""  # folder of texture images (recursive, e.g. DTD images/); "" = self-texture
-    min_scale_exp: int = 0  # Perlin scales 2**k per axis, k in [min_scale_exp, max_scale_exp] (GLASS: 0..5)
-    max_scale_exp: int = 5
-    threshold: float = 0.5  # Perlin noise threshold (GLASS: 0.5)
-    rotate_deg: float = 90.0  # noise rotated by U(-rotate_deg, rotate_deg) (GLASS: imgaug rotate (-90, 90))
-    beta_mean: float = 0.5  # overlay opacity beta ~ N(beta_mean, beta_std^2) clipped to [beta_min, beta_max]
-    beta_std: float = 0.1
-    beta_min: float = 0.2
-    beta_max: float = 0.8
-    n_texture_augs: int = 3  # texture augmentations drawn (without replacement) from the 9 of GLASS
-    feature_stride: int = 8  # stride of the feature-level label (GLASS: 8); the mask must be non-empty there
-    max_tries: int = 200  # mask redraws before giving up (an error: the foreground mask is too small)
+    # Perlin scales 2**k per axis, k in [min_scale_exp, max_scale_exp] (GLASS: 0..5)
+    min_scale_exp: int = bounded(0, ge=0, le=10)
+    max_scale_exp: int = bounded(5, ge=0, le=10)
+    # Perlin noise threshold (GLASS: 0.5); the noise is in about [-1, 1]: from 1 up no pixel would pass (every
+    # draw rejected), below -1 every pixel does (full masks, which tests use)
+    threshold: float = bounded(0.5, lt=1)
+    # noise rotated by U(-rotate_deg, rotate_deg) (GLASS: imgaug rotate (-90, 90))
+    rotate_deg: float = bounded(90.0, ge=0, le=180)
+    # overlay opacity beta ~ N(beta_mean, beta_std^2) clipped to [beta_min, beta_max]
+    beta_mean: float = bounded(0.5, ge=0, le=1)
+    beta_std: float = nonnegative(0.1)
+    beta_min: float = bounded(0.2, gt=0, lt=1)
+    beta_max: float = bounded(0.8, gt=0, lt=1)
+    # texture augmentations drawn (without replacement) from the 9 of GLASS
+    n_texture_augs: int = bounded(3, ge=0, le=N_TEXTURE_AUGS)
+    # stride of the feature-level label (GLASS: 8); the mask must be non-empty there
+    feature_stride: int = positive(8)
+    # mask redraws before giving up (an error: the foreground mask is too small)
+    max_tries: int = positive(200)
 
     def __post_init__(self):
-        if not 0 <= self.min_scale_exp <= self.max_scale_exp <= 10:
+        super().__post_init__()  # the declared bounds
+        if not self.min_scale_exp <= self.max_scale_exp:
             raise ConfigError(
                 "SynthesisConfig: need 0 <= min_scale_exp <= max_scale_exp <= 10, got "
                 f"{self.min_scale_exp}, {self.max_scale_exp}"
             )
-        if not 0.0 < self.beta_min <= self.beta_max < 1.0:
+        if not self.beta_min <= self.beta_max:
             raise ConfigError(
                 f"SynthesisConfig: need 0 < beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}"
             )
-        if not 0 <= self.n_texture_augs <= N_TEXTURE_AUGS:
-            raise ConfigError(f"SynthesisConfig.n_texture_augs must be in [0, 9], got {self.n_texture_augs}")
-        if self.feature_stride < 1 or self.max_tries < 1:
-            raise ConfigError("SynthesisConfig: feature_stride and max_tries must be >= 1")
-        if not 0.0 <= self.rotate_deg <= 180.0:
-            raise ConfigError(f"SynthesisConfig.rotate_deg must be in [0, 180], got {self.rotate_deg}")
 
 
 # ------------------------------------------------------------------------------------------ random helpers
@@ -451,13 +454,11 @@ def texture_source(
 class ValidationConfig(ConfigBase):
     """The synthetic-anomaly validation set: held-out normal images plus anomalies synthesised on them."""
 
-    min_anomalous: int = 60  # at least this many anomalous images (several versions of each normal image)
-    seed: int = 0  # fixed per split: the same validation set for every method and training seed
+    # at least this many anomalous images (several versions of each normal image)
+    min_anomalous: int = positive(60)
+    seed: int = nonnegative(0)  # fixed per split: the same validation set for every method and training seed
     synthesis: SynthesisConfig = SynthesisConfig()
 
-    def __post_init__(self):
-        if self.min_anomalous < 1:
-            raise ConfigError(f"ValidationConfig.min_anomalous must be >= 1, got {self.min_anomalous}")
 
 
 class SyntheticAnomalySet(Dataset):

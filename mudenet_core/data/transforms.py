@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mudenet_core.config import ConfigBase, ConfigError
+from mudenet_core.config import ConfigBase, ConfigError, bounded
 from mudenet_core.io import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -47,14 +47,10 @@ class AugmentConfig(ConfigBase):
 
     hflip: bool = False  # random horizontal flip, p = 0.5
     vflip: bool = False  # random vertical flip, p = 0.5
-    rotation_deg: float = 0.0  # random rotation in [-rotation_deg, rotation_deg] degrees (zoom-in, no pad)
-    color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - s, 1 + s]
-
-    def __post_init__(self):
-        if not 0.0 <= self.rotation_deg <= 180.0:
-            raise ConfigError(f"AugmentConfig.rotation_deg must be in [0, 180], got {self.rotation_deg}")
-        if not 0.0 <= self.color_jitter < 1.0:
-            raise ConfigError(f"AugmentConfig.color_jitter must be in [0, 1), got {self.color_jitter}")
+    # random rotation in [-rotation_deg, rotation_deg] degrees (zoom-in, no pad)
+    rotation_deg: float = bounded(0.0, ge=0, le=180)
+    # brightness/contrast/saturation factors drawn from [1 - s, 1 + s]
+    color_jitter: float = bounded(0.0, ge=0, lt=1)
 
     @property
     def is_identity(self) -> bool:

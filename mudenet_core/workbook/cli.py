@@ -1,4 +1,8 @@
-"""The command line of ``python run_all.py``: parse, plan (exit 2 on bad arguments), execute (1: failed)."""
+"""The command line of ``python run_all.py``: parse, plan (exit 2 on bad arguments), execute (1: failed).
+
+Every user error (a bad option, a ``--set`` key, a value out of range, a missing dataset folder) is one line
+on stderr, ``[run_all] ERROR: ...``, and exit status 2, before anything is executed; no traceback.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,17 @@ failed, 2 bad arguments (nothing executed).
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are a :class:`PlanError` (one line, exit status 2 in main)."""
+
+    def error(self, message: str):
+        raise PlanError(f"{message} (usage: python run_all.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    p = argparse.ArgumentParser(prog="run_all.py", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command-line interface (a usage error raises :class:`PlanError`)."""
+    p = _Parser(prog="run_all.py", description=DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=PROFILES, default="cpu",
                    help="run grid and notebook parameters (params/<profile>.yaml); default: cpu (generated "
                         "dataset, fits 30 min on 2 cores)")
@@ -62,18 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(e: BaseException | str) -> None:
+    """``[run_all] ERROR: <message>`` on stderr, on one line."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"[run_all] ERROR: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 a notebook failed, 2 bad arguments)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    if args.allow_dirty and not args.reference:
-        print("[run_all] ERROR: --allow-dirty only applies to --reference", file=sys.stderr, flush=True)
-        return 2
     try:
+        args = build_parser().parse_args(argv)
+        if args.allow_dirty and not args.reference:
+            raise PlanError("--allow-dirty only applies to --reference")
         plan = make_plan(args)
     except PlanError as e:
-        print(f"[run_all] ERROR: {e}", file=sys.stderr, flush=True)
+        _error(e)
+        return 2
+    except RunAllError as e:  # a notebook source that cannot be read: nothing was executed
+        _error(e)
+        return 1
+    except OSError as e:  # a path of the arguments that cannot be read
+        _error(f"{type(e).__name__}: {e}")
         return 2
     print(
         f"[run_all] profile {plan.profile}{' (reference)' if plan.reference else ''}: "
@@ -82,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_profile(plan, show_progress=not args.quiet, argv=argv)
+    except PlanError as e:  # found before any notebook ran (e.g. the dataset could not be prepared)
+        _error(e)
+        return 2
     except RunAllError as e:
         print(f"[run_all] ERROR: {e}", file=sys.stderr, flush=True)
         return 1

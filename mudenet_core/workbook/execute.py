@@ -25,6 +25,7 @@ from mudenet_core.workbook.plan import (
     NOTEBOOKS,
     REPO_ROOT,
     Plan,
+    PlanError,
     RunAllError,
     RunKey,
     notebook_declarations,
@@ -307,11 +308,14 @@ def prepare_data(plan: Plan) -> None:
     """
     if not any(k.dataset == "synthetic" for k in plan.runs):
         return
-    from mudenet_core.data import synthetic
+    from mudenet_core.data import DataError, synthetic
 
     if plan.explicit_root and (plan.data_root / synthetic.PARAMS_FILE).is_file():
         return
-    synthetic.ensure(plan.data_root, **plan.synthetic)
+    try:
+        synthetic.ensure(plan.data_root, **plan.synthetic)
+    except (DataError, OSError, TypeError, ValueError) as e:  # e.g. a --data-root of other files
+        raise PlanError(f"cannot generate the synthetic dataset in {plan.data_root}: {e}") from e
 
 
 def _report_outputs(profile_dir: Path, start_iso: str) -> list[str]:
@@ -362,6 +366,7 @@ def run_profile(plan: Plan, *, show_progress: bool = True, argv: list[str] | Non
     """Execute the plan; write the manifest and the index. Returns a summary with ``executed`` (count).
 
     Raises:
+        PlanError: the dataset could not be prepared (before any notebook ran).
         RunAllError: naming the failed notebook, its run and its executed copy.
     """
     import sys

@@ -1,7 +1,9 @@
 """``--set`` overrides: ``METHOD.KEY=VALUE`` for a method's config, ``data.KEY=VALUE`` for the dataset config.
 
-Every item is checked against the config it targets (unknown method, unknown key, wrong type) before any
-work starts; the error lists the valid names.
+Every item is checked against the config it targets (unknown method, unknown key, wrong type, a value out of
+its range) before any work starts; the error lists the valid names. A ``data.KEY`` that the run's dataset
+would ignore (``folder_*`` for anything but ``--dataset folder``, ``val_fraction`` for MVTec LOCO, whose
+validation split is its own ``validation/good``) is an error too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,23 @@ from mudenet_core.workbook.errors import PlanError
 # DataConfig fields that run_all sets itself (per run), so ``--set data.<key>`` may not
 DATA_KEYS_FROM_OPTIONS = {"dataset": "--dataset", "root": "--data-root", "category": "--categories",
                           "image_size": "IMAGE_SIZE in params/<profile>.yaml"}
+
+
+def ignored_data_key(key: str, dataset: str) -> str | None:
+    """Why ``DataConfig.<key>`` has no effect on ``dataset`` (None: it has one).
+
+    Example:
+        >>> ignored_data_key("folder_anomaly_dir", "mvtec_ad")
+        "folder_* keys apply to --dataset folder only (this run's dataset: 'mvtec_ad')"
+        >>> ignored_data_key("folder_anomaly_dir", "folder") is None
+        True
+    """
+    top = key.split(".")[0]
+    if top.startswith("folder_") and dataset != "folder":
+        return f"folder_* keys apply to --dataset folder only (this run's dataset: {dataset!r})"
+    if top == "val_fraction" and dataset == "mvtec_loco":
+        return "mvtec_loco validates on its own validation/good split; val_fraction has no effect there"
+    return None
 
 
 def parse_overrides(items: list[str]) -> dict[str, list[str]]:
@@ -73,8 +92,9 @@ def validate_method_overrides(overrides: dict[str, list[str]], profile: str, met
             except ConfigError as e:
                 _, cfg_cls = registry.get_method(method)
                 what = item if isinstance(item, str) else " ".join(item)
-                raise PlanError(
-                    f"--set {method}.{what}: {e}\n  valid keys of {method}: {_valid_keys(cfg_cls)}") from None
+                unknown = "unknown key" in str(e)
+                keys = f"\n  valid keys of {method}: {_valid_keys(cfg_cls)}" if unknown else ""
+                raise PlanError(f"--set {method}.{what}: {e}{keys}") from None
 
 
 def data_overrides(items: list[str], dataset: str, category: str, image_size: int) -> dict[str, Any]:
@@ -84,7 +104,8 @@ def data_overrides(items: list[str], dataset: str, category: str, image_size: in
     ``DataConfig(...).with_overrides(DATA_OVERRIDES)``.
 
     Raises:
-        PlanError: an unknown key, a value of the wrong type, or a key that a run_all option sets.
+        PlanError: an unknown key, a value of the wrong type or out of range, a key that a run_all option
+            sets, or one the run's dataset ignores (:func:`ignored_data_key`).
     """
     from mudenet_core.config import ConfigError
     from mudenet_core.data import DataConfig
@@ -95,9 +116,14 @@ def data_overrides(items: list[str], dataset: str, category: str, image_size: in
         if key.split(".")[0] in DATA_KEYS_FROM_OPTIONS:
             raise PlanError(f"--set data.{item}: data.{key.split('.')[0]} is set by run_all for every run; "
                             f"use {DATA_KEYS_FROM_OPTIONS[key.split('.')[0]]}")
+        # a known key only: a misspelled one gets the "unknown key" message below
+        why = ignored_data_key(key, dataset) if key.split(".")[0] in DataConfig.field_names() else None
+        if why:
+            raise PlanError(f"--set data.{item} would be ignored: {why}")
         out[key] = yaml.safe_load(value) if value else value
     try:
         DataConfig(dataset=dataset, category=category, image_size=image_size).with_overrides(out)
     except ConfigError as e:
-        raise PlanError(f"--set data.*: {e}\n  valid keys of data: {_valid_keys(DataConfig)}") from None
+        keys = f"\n  valid keys of data: {_valid_keys(DataConfig)}" if "unknown key" in str(e) else ""
+        raise PlanError(f"--set data.*: {e}{keys}") from None
     return out

@@ -1,8 +1,9 @@
 """The run plan: which notebooks run for which (dataset, category, seed), with which parameters, into where.
 
 Everything the command line can get wrong is checked here, before any work starts: an unknown profile,
-dataset, category, method or notebook, a ``--set`` key the method's (or the data's) config does not have, an
-option that no planned notebook consumes, and an output folder that git tracks without ``--reference``.
+dataset, category, method or notebook, a ``--set`` key the method's (or the data's) config does not have or a
+value out of its range, an option that no planned notebook consumes, a folder dataset without anomalous test
+images, and an output folder that git tracks without ``--reference`` (or that cannot be created).
 Those raise :class:`PlanError` (exit status 2).
 """
 
@@ -181,14 +182,25 @@ def _visa_categories(root: Path) -> list[str]:
     return sorted(pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=["object"])["object"].unique())
 
 
-def discover_categories(dataset: str, root: Path) -> list[str]:
-    """The categories of ``dataset`` under ``root``, sorted.
+def known_categories(dataset: str) -> tuple[str, ...] | None:
+    """The published category list of ``dataset`` (e.g. ``MPDD_CATEGORIES``), or None (synthetic, folder)."""
+    from mudenet_core import data
 
-    Category folders are those with a ``train`` or ``test`` folder (VisA: the objects of
-    ``split_csv/1cls.csv``; a folder dataset is one category named after its folder).
+    return {"mvtec_ad": data.MVTEC_AD_CATEGORIES, "mvtec_loco": data.MVTEC_LOCO_CATEGORIES,
+            "visa": data.VISA_CATEGORIES, "mpdd": data.MPDD_CATEGORIES}.get(dataset)
+
+
+def discover_categories(dataset: str, root: Path) -> list[str]:
+    """The categories of ``dataset`` under ``root``, sorted: what is on disk, of the dataset's known list.
+
+    Category folders are those with a ``train`` or ``test`` folder whose name is one of the dataset's
+    categories (:func:`known_categories`; other such folders are left out with a note, ``--categories`` runs
+    them). VisA: the objects of ``split_csv/1cls.csv``; a folder dataset is one category named after its
+    folder; the generated dataset has its own fixed list.
 
     Raises:
-        PlanError: ``root`` does not exist or holds no category.
+        PlanError: ``root`` does not exist or holds no category of the dataset (the message says what it
+            found instead, e.g. a single category folder given as ``--data-root``).
     """
     if dataset == "synthetic":
         from mudenet_core.data import synthetic
@@ -203,13 +215,23 @@ def discover_categories(dataset: str, root: Path) -> list[str]:
         if not cats:
             raise PlanError(f"no VisA categories under {root} (expected split_csv/1cls.csv)")
         return cats
-    cats = sorted(
+    found = sorted(
         p.name for p in root.iterdir() if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir())
     )
+    known = known_categories(dataset)
+    cats = [c for c in found if known is None or c in known]
+    others = [c for c in found if c not in cats]
     if not cats and ((root / "train").is_dir() or (root / "test").is_dir()):
-        return [root.name]
+        raise PlanError(f"--data-root {root} is a category folder itself (it holds train/ or test/); pass "
+                        f"the folder of the categories: --data-root {root.parent} --categories {root.name}")
     if not cats:
-        raise PlanError(f"no categories found under {root} (expected <category>/train, <category>/test)")
+        hint = (f"; found folders of that layout that are not {dataset} categories: {', '.join(others)} (run "
+                f"them with --categories)" if others else "")
+        raise PlanError(f"no {dataset} categories found under {root} (expected <category>/train, "
+                        f"<category>/test for one of {', '.join(known or ())}){hint}")
+    if others:
+        print(f"[run_all] note: left out folder(s) {others} under {root}: not {dataset} categories (name "
+              f"them with --categories to run them)", flush=True)
     return cats
 
 
@@ -242,6 +264,41 @@ def check_categories(dataset: str, root: Path, categories: list[str]) -> None:
     if bad:
         raise PlanError(f"unknown {dataset} categor{'y' if len(bad) == 1 else 'ies'} {bad} under {root}; "
                         f"found: {', '.join(known) or '(none)'}")
+
+
+def check_folder_dataset(root: Path, category: str, image_size: int, data_over: dict[str, Any]) -> None:
+    """A folder dataset has anomalous test images on disk, else training would end in "all labels are normal".
+
+    Indexes the folders (file names only, no image is read) with the ``--set data.folder_*`` options applied.
+
+    Raises:
+        PlanError: ``data.folder_anomaly_dir`` not set (the message names the options), or a folder of the
+            dataset missing or empty.
+    """
+    from mudenet_core.config import ConfigError
+    from mudenet_core.data import DataConfig, DataError, index_folder
+
+    try:
+        cfg = DataConfig(dataset="folder", root=str(root), category=category, image_size=image_size)
+        cfg = cfg.with_overrides({**data_over, "validate": False})
+    except ConfigError as e:  # data_overrides has checked these already
+        raise PlanError(f"--set data.*: {e}") from None
+    if not cfg.folder_anomaly_dir:
+        raise PlanError(
+            "--dataset folder needs anomalous test images (without them every metric fails after training: "
+            "all labels are normal): name their folder with --set data.folder_anomaly_dir=PATH (relative to "
+            "--data-root, or absolute), their masks, if any, with data.folder_mask_dir=PATH (and "
+            "data.folder_mask_suffix=_mask for 000_mask.png), normal test images with "
+            f"data.folder_test_normal_dir=PATH; normal training images: data.folder_normal_dir "
+            f"(now {cfg.folder_normal_dir!r})")
+    try:
+        index = index_folder(cfg)
+    except DataError as e:
+        raise PlanError(f"--dataset folder under {root}: {e} (its folders: --set data.folder_normal_dir, "
+                        "data.folder_anomaly_dir, data.folder_mask_dir, data.folder_test_normal_dir)"
+                        ) from None
+    if not (index["label"] == 1).any():  # pragma: no cover - index_folder refuses an empty anomaly folder
+        raise PlanError(f"--dataset folder: no anomalous test image in {cfg.folder_anomaly_dir}")
 
 
 def resolve_methods(requested: list[str] | None, profile_methods: list[str] | None) -> list[str]:
@@ -320,6 +377,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         categories = discover_categories(dataset, data_root)
     check_categories(dataset, data_root, categories)
     seeds = args.seeds if args.seeds is not None else list(run.get("seeds", [0]))
+    bad_seeds = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    if bad_seeds:
+        raise PlanError(f"seeds must be whole numbers >= 0, got {bad_seeds}")
     methods = resolve_methods(_split_list(args.methods), run.get("methods"))
     notebooks = _pick_notebooks(args.only)
     if "mudenet" not in methods:
@@ -339,9 +399,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         users = [n for n in notebooks if n in consumers]
         _require_consumer(f"--set {method}.*", "OVERRIDES", users, declared)
     common = dict(prof["common"])
-    data_over = data_overrides(data_items, dataset, categories[0], int(common.get("IMAGE_SIZE", 256)))
+    image_size = int(common.get("IMAGE_SIZE", 256))
+    data_over = data_overrides(data_items, dataset, categories[0], image_size)
     if data_over:
         _require_consumer("--set data.*", "DATA_OVERRIDES", notebooks, declared)
+    if dataset == "folder":
+        for category in categories:
+            check_folder_dataset(data_root, category, image_size, data_over)
     texture_dir = ""
     if getattr(args, "texture_dir", None):
         tex = Path(args.texture_dir).expanduser().resolve()
@@ -386,6 +450,7 @@ def check_output_location(plan: Plan) -> None:
     """
     from mudenet_core.workbook import gitstate
 
+    check_writable(plan.profile_dir)
     tracked = gitstate.tracked_files(plan.profile_dir)
     if not plan.reference:
         if tracked:
@@ -408,6 +473,23 @@ def check_output_location(plan: Plan) -> None:
             f"{shown}); commit or stash them first so every reference row carries a clean git SHA, or pass "
             f"--allow-dirty (for development: the SHA then says -dirty)"
         )
+
+
+def check_writable(folder: Path) -> None:
+    """``folder`` exists as a folder, or can be made: its nearest existing ancestor is a writable folder.
+
+    Raises:
+        PlanError: a file in the way, or a folder this user cannot write into.
+    """
+    import os
+
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise PlanError(f"cannot write results to {folder}: {base} is not a folder (see --results-root)")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PlanError(f"cannot write results to {folder}: {base} is not writable (see --results-root)")
 
 
 def notebook_parameters(

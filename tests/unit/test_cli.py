@@ -101,11 +101,12 @@ def test_predict_folder_and_single_image(run_dir, synthetic_root, tmp_path):
                      "--output-dir", str(out), "--threshold", "0.5"]) == 0
     df = pd.read_csv(out / "predictions.csv")
     n = len(list(folder.rglob("*.png")))
-    assert len(df) == n and list(df.columns) == ["image_path", "score", "is_anomalous"]
+    assert len(df) == n and list(df.columns) == ["image_path", "score", "is_anomalous", "height", "width",
+                                                 "map_file", "heatmap_file", "overlay_file"]
     assert (df["is_anomalous"] == (df["score"] >= 0.5)).all()
-    m = np.load(out / "maps" / "good__000.npy")
+    m = np.load(out / "maps" / "good" / "000.png.npy")  # the input tree mirrored, extension kept
     assert m.shape == (64, 64) and m.dtype == np.float32
-    with Image.open(out / "heatmaps" / "good__000.png") as im:
+    with Image.open(out / "heatmaps" / "good" / "000.png.png") as im:
         assert im.size == (64, 64)
     # scores agree with `predict` of the reloaded detector on the dataset's own preprocessing
     from mudenet_core.data import DataConfig, make_splits
@@ -268,8 +269,8 @@ def test_other_method_through_the_registry(synthetic_root, tmp_path):
     assert cli.main(["evaluate", "--checkpoint", str(out), "--n-overlays", "1"]) == 0
     good = synthetic_root / CATEGORY / "test" / "good"
     assert cli.main(["predict", "--checkpoint", str(out), "--input", str(good), "--method", "ae"]) == 0
-    det = get_method("ae")[0].load(out / "model.pt")
+    get_method("ae")[0].load(out / "model.pt")
     df = pd.read_csv(out / "predict" / "predictions.csv")
-    if getattr(det, "threshold", None) is not None:  # the detector's own calibrated threshold wins
-        assert (df["is_anomalous"] == (df["score"] >= float(det.threshold))).all()
+    threshold = json.loads((out / "threshold.json").read_text())["threshold"]  # chosen on validation
+    assert (df["is_anomalous"] == (df["score"] >= threshold)).all()
     assert cli.main(["evaluate", "--checkpoint", str(out), "--method", "padim"]) == 2  # not the run's method
