@@ -371,12 +371,13 @@ def run_profile(plan: Plan, *, show_progress: bool = True, argv: list[str] | Non
     """
     import sys
 
-    from mudenet_core.io import git_sha
+    from mudenet_core.io import clean_stale_temps, git_sha
     from mudenet_core.workbook import gitstate
 
     argv = sys.argv[1:] if argv is None else argv
     sha = git_sha()  # once, before this run writes anything
     plan.profile_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(plan.profile_dir)  # what writes killed in an earlier run left behind
     prepare_data(plan)
     n_run = sum(1 for n, s in NOTEBOOKS if s == "run" and n in plan.notebooks)
     n_prof = sum(1 for n, s in NOTEBOOKS if s == "profile" and n in plan.notebooks)

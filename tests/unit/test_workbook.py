@@ -191,6 +191,22 @@ def test_run_profile_records_threads_and_writes_only_what_it_ran(data_copy, tmp_
     assert {p: p.stat().st_mtime_ns for p in plan.profile_dir.rglob("*")} == before
 
 
+def test_run_profile_removes_temp_files_a_killed_run_left(data_copy, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(execute, "execute_one", FakeExecutor())
+    plan = plan_for("--profile", "smoke", "--data-root", str(data_copy), "--categories", "plate", "--methods",
+                    "padim", "--only", "00", "--results-root", str(tmp_path / "res"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = plan.profile_dir / "runs" / "x" / f".metrics.csv.{dead}.a1b2.tmp"  # as io.atomic_path names it
+    stale.parent.mkdir(parents=True)
+    stale.write_text("half a table")
+    execute.run_profile(plan, show_progress=False, argv=["x"])
+    assert not stale.exists()
+
+
 # ----------------------------------------------------------------------------------------- arguments
 def test_set_overrides_are_validated_before_any_work(tmp_path):
     base = ["--data-root", str(tmp_path), "--categories", "plate", "--results-root", str(tmp_path / "r")]
