@@ -22,7 +22,6 @@ hash does not match the model file (a model trained again since) is refused (:fu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mudenet_core import metrics
 from mudenet_core.config import ConfigBase, bounded
-from mudenet_core.io import load_json, save_csv, save_json
+from mudenet_core.io import file_sha256, load_json, save_csv, save_json, save_npy
 from mudenet_core.utils import progress
 
 
@@ -126,12 +125,7 @@ def save_evaluation(result: EvalResult, out_dir: str | Path, *, config: Any = No
     paths["metrics_csv"] = save_csv(out_dir / "metrics.csv", tidy)
     paths["scores_csv"] = save_csv(out_dir / "scores.csv", result.scores)
     if save_maps:
-        from mudenet_core.io import atomic_path
-
-        with atomic_path(out_dir / "maps.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, result.maps.astype(np.float16))
-        paths["maps"] = out_dir / "maps.npy"
+        paths["maps"] = save_npy(out_dir / "maps.npy", result.maps.astype(np.float16))
     return paths
 
 
@@ -198,15 +192,6 @@ MAP_NORM_Q_HIGH = 0.999  # map_normalization "high": this quantile of all valida
 
 class CalibrationWarning(UserWarning):
     """A ``threshold.json`` that is ignored: written before model hashes, or chosen for another model."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def map_normalization(maps, labels, *, q_low: float = MAP_NORM_Q_LOW,

@@ -124,6 +124,22 @@ def save_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
+def save_npy(path: str | Path, arr: np.ndarray) -> Path:
+    """Write one array as ``.npy``, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+    return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_json(path: str | Path) -> Any:
     """Read JSON; the error names the file."""
     path = Path(path)

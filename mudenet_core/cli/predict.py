@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mudenet_core.cli.common import CLIError, load_detector, output_dir, resolve_device_arg, say
-from mudenet_core.io import atomic_path, git_sha, save_csv, save_json
+from mudenet_core.io import atomic_path, git_sha, save_csv, save_json, save_npy
 
 OUTPUT_KINDS = {"map_file": ("maps", ".npy"), "heatmap_file": ("heatmaps", ".png"),
                 "overlay_file": ("overlays", ".png")}
@@ -129,12 +129,6 @@ def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return y[0, 0].numpy()  # (H0, W0)
 
 
-def _save_npy(arr: np.ndarray, path: Path) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr)
-    return path
-
-
 def _save_rgb(rgb: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
@@ -151,7 +145,7 @@ def _write_maps(out: Path, files: dict[str, str], image: np.ndarray, amap: np.nd
     h0, w0 = image.shape[:2]
     m = resize_map(amap, (h0, w0))  # (h, w) -> (H0, W0)
     vmin, vmax = vrange
-    _save_npy(m, out / files["map_file"])
+    save_npy(out / files["map_file"], m)
     viz.save_heatmap_png(m, out / files["heatmap_file"], vmin=vmin, vmax=vmax)
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (H0, W0, 3) -> (3, H0, W0)
     _save_rgb(viz.overlay(img, m, vmin=vmin, vmax=vmax), out / files["overlay_file"])

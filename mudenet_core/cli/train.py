@@ -147,8 +147,9 @@ def _prepare_training(args, overrides: list[str], check=None) -> Prepared | None
     from mudenet_core.data.datasets import build_index, make_splits
     from mudenet_core.utils import seed_everything
 
-    identity = run_identity(command=args.command, method=method, cfg=cfg, data_cfg=data_cfg,
-                            index=build_index(data_cfg), seed=args.seed)
+    index = build_index(data_cfg)  # checked once: the identity and the splits use the same index
+    identity = run_identity(command=args.command, method=method, cfg=cfg, data_cfg=data_cfg, index=index,
+                            seed=args.seed)
     if args.resume and args.output_dir is not None and _resume_check(args.output_dir, identity, args.command):
         clean_stale_temps(args.output_dir)
         say(f"{args.command}: {args.output_dir} is a finished run with these settings; nothing to do "
@@ -157,7 +158,7 @@ def _prepare_training(args, overrides: list[str], check=None) -> Prepared | None
     out = output_dir(args, None, resume=args.resume)
     generator = seed_everything(args.seed)
     aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))  # own stream for augmentations
-    splits = make_splits(data_cfg, save_split_to=out / SPLIT_FILE,
+    splits = make_splits(data_cfg, index=index, save_split_to=out / SPLIT_FILE,
                          generator=torch.Generator().manual_seed(aug_seed))
     write_run_config(out, args, method=method, source=source, cfg=cfg, data_cfg=data_cfg, identity=identity,
                      status=RUNNING)

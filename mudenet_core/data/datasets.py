@@ -778,8 +778,9 @@ def build_index(cfg: DataConfig) -> pd.DataFrame:
 PRELOAD_PROGRESS_MIN = 100  # show a progress bar when preloading at least this many images
 
 
-def make_splits(cfg: DataConfig, *, save_split_to: str | Path | None = None,
-                generator: torch.Generator | None = None, show_progress: bool = True) -> Splits:
+def make_splits(cfg: DataConfig, *, index: pd.DataFrame | None = None,
+                save_split_to: str | Path | None = None, generator: torch.Generator | None = None,
+                show_progress: bool = True) -> Splits:
     """Build the train (augmented if ``cfg`` asks), val and test datasets of one category.
 
     With ``cfg.preload`` every image of the three splits is decoded here, once (a corrupt file is a
@@ -788,6 +789,7 @@ def make_splits(cfg: DataConfig, *, save_split_to: str | Path | None = None,
 
     Args:
         cfg: the data config.
+        index: ``build_index(cfg)`` when the caller has it already (its files are then not checked again).
         save_split_to: write the resolved index there as CSV; a folder (existing, or a path without suffix)
             gets ``<dataset>_<category>.csv``.
         generator: seeds the training augmentations (default: a generator seeded with ``cfg.split_seed``).
@@ -796,7 +798,7 @@ def make_splits(cfg: DataConfig, *, save_split_to: str | Path | None = None,
     Returns:
         :class:`Splits` (train/val/test are disjoint; val comes from train/good, or validation/good for LOCO).
     """
-    df = build_index(cfg)
+    df = build_index(cfg) if index is None else index
     if generator is None:
         generator = torch.Generator().manual_seed(cfg.split_seed)
 

@@ -22,6 +22,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from mudenet_core.io import file_sha256
 from mudenet_core.workbook.plan import Plan, RunKey, notebook_path
 
 INPUT_KEYS = ("source_sha", "code_hash", "data_fingerprint")
@@ -29,7 +30,7 @@ INPUT_KEYS = ("source_sha", "code_hash", "data_fingerprint")
 
 def file_sha(path: Path) -> str:
     """Short SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def folder_fingerprint(folder: Path, h=None) -> str:

@@ -269,10 +269,10 @@ def test_unwritable_output_folder_is_a_one_line_error(run_dir, synthetic_root, t
 
     out = tmp_path / "p"
 
-    def denied(arr, path):
+    def denied(path, arr):
         raise PermissionError(13, "Permission denied", str(path.parent / f".{path.name}.tmp"))
 
-    monkeypatch.setattr(predict_mod, "_save_npy", denied)
+    monkeypatch.setattr(predict_mod, "save_npy", denied)
     capsys.readouterr()
     good = images_dir(synthetic_root) / "good"
     rc = cli.main(["predict", "--checkpoint", str(run_dir), "--input", str(good), "--output-dir", str(out),
