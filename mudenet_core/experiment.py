@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mudenet_core import io, report
+from mudenet_core import io, report, tracking
 
 # re-exported for the notebooks and older callers (the moved names live in their own modules)
 from mudenet_core.ablations import raw_components, rescore, run_scoring_ablations, scoring_variants  # noqa: F401
@@ -329,7 +329,7 @@ def fit_or_load(
         same_validation = val_set is None or info.get("fit_key") == key
         if info.get("config_hash") == config.config_hash() and same_validation:
             det = det_cls.load(model_path, device=device)
-            return det, {**info, "loaded": True}
+            return det, _tracked({**info, "loaded": True}, method, config, splits, run, name)
         print(f"{model_path}: made with another config or validation set; fitting again")
     det = detector if detector is not None else det_cls(config)
     kwargs = {"callback": callback} if callback is not None else {}
@@ -362,7 +362,13 @@ def fit_or_load(
     info["stages_s"] = stages
     info["fit_s"] = float(sum(stages.values()))
     io.save_json(log_path, info)
-    return det, {**info, "loaded": False}
+    return det, _tracked({**info, "loaded": False}, method, config, splits, run, name)
+
+
+def _tracked(info: dict[str, Any], method: str, config, splits, run: Run, name: str | None) -> dict[str, Any]:
+    """``info`` plus ``tracking_run_id``: the fit's MLflow run (:mod:`mudenet_core.tracking`) or None."""
+    run_id = tracking.track_workbook_fit(method, config, splits, run, name=name, info=info)
+    return {**info, "tracking_run_id": run_id}
 
 
 def _fit_key(config, val_set, threshold_config) -> str:
@@ -508,6 +514,7 @@ def evaluate_method(
         timings.update(fit_info.get("stages_s") or {})
     io.save_csv(run.table(f"timings_{method}.csv"),
                 run.tidy(timings, method=method, config_hash=h, split="test"))
+    tracking.track_workbook_evaluation(method, run, metrics=quality, fit_info=fit_info)  # MLflow
     return result, tidy
 
 

@@ -31,6 +31,9 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "patchcore": ("mudenet_core.baselines.patchcore", "PatchCore", "PatchCoreConfig"),
     "ae": ("mudenet_core.baselines.ae", "ConvAutoencoderDetector", "AEConfig"),
     "us": ("mudenet_core.baselines.uninformed_students", "UninformedStudents", "USConfig"),
+    "glass": ("mudenet_core.baselines.glass", "GLASS", "GLASSConfig"),
+    "pagmfr": ("mudenet_core.baselines.pagmfr", "PAGMFR", "PAGMFRConfig"),
+    "rgpkd": ("mudenet_core.baselines.rgpkd", "RGPKD", "RGPKDConfig"),
 }
 
 

@@ -16,15 +16,16 @@
 # # 40 · Baselines on the same category
 #
 # **Purpose:** fit and evaluate every baseline of the harness (`METHODS`: PaDiM, PatchCore, a convolutional
-# autoencoder, Uninformed Students — whichever are available) with the same splits, the same test set and the
-# same metrics as MuDeNet.
+# autoencoder, Uninformed Students, GLASS, PAGMFR, RGPKD — whichever are available) with the same splits, the
+# same test set and the same metrics as MuDeNet.
 #
 # **Inputs:** the category's splits, `configs/<method>/<PROFILE>.yaml`; `eval/mudenet/scores.csv` from
 # `30_evaluation` when present (for the joint ROC plot).
 #
 # **Outputs (under `OUT_DIR`):** per method `checkpoints/<method>/model.pt`, `eval/<method>/*`,
 # `eval/<method>/val/*`, `checkpoints/<method>/threshold.json`,
-# `tables/metrics_<method>.csv`, `tables/timings_<method>.csv`; `figures/40_roc_all.png`.
+# `tables/metrics_<method>.csv`, `tables/timings_<method>.csv`; `figures/40_roc_all.png`; GLASS's and PAGMFR's
+# training curves and timing logs in `checkpoints/<method>/`; `figures/40_pagmfr_predictions.png`.
 
 # %% tags=["parameters"]
 SMOKE: bool = False  # tiny run for CI: fewer examples and a reduced grid; pair with the smoke PROFILE
@@ -39,7 +40,7 @@ DEVICE: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 OVERRIDES: dict = {}  # per-method config overrides: method name -> list of override strings (run_all.py --set)
 REUSE: bool = True  # load checkpoints written by an earlier execution instead of recomputing
 DATA_OVERRIDES: dict = {}  # DataConfig overrides, e.g. {"val_fraction": 0.2} (run_all.py --set data.KEY=VALUE)
-METHODS: list = ["padim", "patchcore", "ae", "us"]  # baselines to run (registry names; unavailable ones are skipped)
+METHODS: list = ["padim", "patchcore", "ae", "us", "glass", "pagmfr", "rgpkd"]  # baselines to run (registry names; unavailable ones are skipped)
 TEXTURE_DIR: str = ""  # texture images for the synthetic validation anomalies (e.g. DTD images/); "" = self-textures
 
 # %% tags=["hide_input"]
@@ -63,13 +64,14 @@ print("running:", todo, "| not available:", [m for m in METHODS if m not in avai
 # (`mudenet_core.harness.evaluate`).
 
 # %%
-tables, curves = [], {}
+tables, curves, fitted = [], {}, {}
 for method in todo:
     cfg = experiment.method_config(method, PROFILE, image_size=IMAGE_SIZE, overrides=OVERRIDES.get(method))
     det, info = experiment.fit_or_load(method, cfg, splits, run, generator=generator, device=device, reuse=REUSE,
                                        val_set=val_set)
     result, tidy = experiment.evaluate_method(det, method, splits, run, device=device, config=cfg, fit_info=info)
     tables.append(tidy)
+    fitted[method] = det
     curves[method] = (result.scores["label"].to_numpy(), result.scores["score"].to_numpy())
     print(f"{method}: fit {info.get('fit_s', float('nan')):.1f} s, image AUROC val {info['validation']['image_auroc']:.3f}"
           f" / test {result.metrics['image_auroc']:.3f}")
@@ -84,3 +86,22 @@ if tables:
 if curves:
     fig = viz.roc_curves(curves, title=f"{DATASET}/{CATEGORY}: image-level ROC")
     display(experiment.show_figure(fig, run.figure("40_roc_all.png")))
+
+# %% [markdown]
+# ## Methods that learn from synthesised anomalies
+# GLASS and PAGMFR write their training curves (losses; for GLASS also the synthetic-validation AUROC that chose
+# its checkpoint) beside the checkpoint. PAGMFR's per-image visualisation shows image, ground truth and heat map
+# for a few test images (display only: nothing is chosen from it).
+
+# %%
+from IPython.display import Image
+
+for method in ("glass", "pagmfr"):
+    png = run.checkpoint_dir(method) / "training_curves.png"
+    if method in fitted and png.is_file():
+        display(Image(filename=str(png)))
+if "pagmfr" in fitted:
+    from mudenet_core.baselines import pagmfr
+
+    fig = pagmfr.prediction_grid(fitted["pagmfr"], splits.test, n=4 if SMOKE else 6)
+    display(experiment.show_figure(fig, run.figure("40_pagmfr_predictions.png")))

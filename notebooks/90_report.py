@@ -126,3 +126,13 @@ if "timings" in written:
     if "fit_s" in summary.columns:
         fig = report.bar_figure(summary[["fit_s"]], title=f"fit time in seconds ({PROFILE})")
         display(report.show_figure(fig, out / "figures" / "timings.png"))
+
+# %% [markdown]
+# ## Tracked runs (MLflow)
+# Every fit of this profile as an MLflow run (`mlflow.db` in `OUT_DIR`; browse it with
+# `mlflow ui --backend-store-uri sqlite:///<OUT_DIR>/mlflow.db`); empty when tracking was off.
+
+# %%
+from mudenet_core import tracking  # noqa: E402
+
+display(tracking.search_runs(tracking.tracking_uri(out)))

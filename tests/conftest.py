@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_tracking():
+    """No MLflow logging unless a test asks for it (tests/unit/test_tracking.py and test_serve.py turn it on).
+
+    Logging costs 4-10 s per fit and would write into the repository's results/mlflow.db from CLI tests.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MUDENET_TRACKING", "0")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a test module (tiny convolutions: no OpenMP oversubscription on 2 cores)."""

@@ -1,4 +1,4 @@
-"""Command line: ``mudenet distill | train | evaluate | predict`` (also ``python -m mudenet_core``).
+"""Command line: ``mudenet distill|train|evaluate|predict|serve|export`` (also ``python -m mudenet_core``).
 
 One module per command (:mod:`.train` holds ``distill`` and ``train``), the parser in :mod:`.parser`, and
 what they share in :mod:`.common`.
@@ -32,13 +32,16 @@ import torch
 
 from mudenet_core.cli.common import PROG, CLIError, split_overrides, user_error_types
 from mudenet_core.cli.evaluate import cmd_evaluate, select_overlays
+from mudenet_core.cli.export import cmd_export
 from mudenet_core.cli.parser import build_parser
 from mudenet_core.cli.predict import cmd_predict
+from mudenet_core.cli.serve import cmd_serve
 from mudenet_core.cli.train import cmd_distill, cmd_train, loss_table
 
 __all__ = ["CLIError", "build_parser", "loss_table", "main", "select_overlays", "split_overrides"]
 
-COMMAND_FUNCS = {"distill": cmd_distill, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+COMMAND_FUNCS = {"distill": cmd_distill, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                 "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from mudenet_core.io import CheckpointError, atomic_write_text, clean_stale_temp
 from mudenet_core.methods import METHODS, get_method, profile_path
 
 PROG = "mudenet"
-COMMANDS = ("distill", "train", "evaluate", "predict")
+COMMANDS = ("distill", "train", "evaluate", "predict", "serve", "export")
 MODEL_FILE = "model.pt"  # the trained detector (Detector.save)
 RUN_CONFIG_FILE = "config.yaml"  # method, method_config, data_config, seed, git_sha ... of a run
 SPLIT_FILE = "split.csv"  # the resolved dataset index of a run
@@ -31,7 +31,7 @@ DATA_PREFIX = "data."  # overrides with this prefix go to the data config
 # no artefact of an earlier run (a threshold, an evaluation of the old model, an overlay) survives
 TRAIN_OUTPUTS = (MODEL_FILE, RUN_CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR, "train_log.json",
                  "distill_log.json", "loss_curves_*.png", "threshold.json", "validation", "evaluate",
-                 "predict")
+                 "predict", "export")
 OWNED_OUTPUTS = {
     "distill": TRAIN_OUTPUTS,
     "train": TRAIN_OUTPUTS,

@@ -90,6 +90,10 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
     summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     say(f"evaluate: {summary}")
     say(f"evaluate: wrote {out}")
+    from mudenet_core import tracking  # test metrics onto the MLflow run (off: MUDENET_TRACKING=0)
+
+    if (run_id := tracking.track_cli_evaluation(ckpt, result.metrics, out)) is not None:
+        say(f"evaluate: logged to {tracking.tracking_uri()} (run {run_id})")
     return 0
 
 

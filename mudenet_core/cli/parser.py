@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mudenet_core import __version__
 from mudenet_core.cli.common import COMMANDS, PROG
+from mudenet_core.cli.export import add_export_parser
 from mudenet_core.config import nonnegative_int
 from mudenet_core.methods import METHODS, PROFILES
 
@@ -86,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="score threshold for is_anomalous (default: the one chosen on the validation set at "
                         "training time, threshold.json beside model.pt)")
+    _add_serve(sub)
+    add_export_parser(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="the inference service and its web page (FastAPI + uvicorn)",
+                       description="Serve a registered model over HTTP: /api/* and a web page at /.",
+                       epilog="MUDENET_API_TOKEN=<token> requires 'Authorization: Bearer <token>' on every "
+                              "route but /api/status and the page.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model", default=None,
+                   help="registry ID loaded at start-up: models:/<name>/<version>, <name>/<version> or "
+                        "runs:/<run_id> (default: none; pick one on the page)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request in MiB (default 20)")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="torch: the detector; onnx: the model folder's model.onnx (default torch)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="the registry (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/results/mlflow.db)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

@@ -212,6 +212,11 @@ def cmd_train(args, overrides: list[str]) -> int:
     write_run_config(out, args, method=run.method, source=run.source, cfg=detector.config,
                      data_cfg=run.data_cfg, identity=run.identity, status=FINISHED)
     say(f"train: wrote {out / MODEL_FILE}")
+    from mudenet_core import tracking  # MLflow run + registered model (off with MUDENET_TRACKING=0)
+
+    if (run_id := tracking.track_cli_fit(out, method=run.method, config=detector.config,
+                                         data_config=run.data_cfg, seed=args.seed)) is not None:
+        say(f"train: logged to {tracking.tracking_uri()} (run {run_id})")
     return 0
 
 

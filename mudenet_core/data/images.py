@@ -193,6 +193,13 @@ def _load_tiff(path: Path, max_pixels: int, reduce_to: int | None) -> np.ndarray
         import tifffile
     except ImportError:
         return None
+    try:
+        with tifffile.TiffFile(path) as tf:
+            photometric = int(tf.pages[0].photometric)
+    except Exception:  # let the full read report the problem
+        photometric = None
+    if photometric not in (None, 1, 2):  # CMYK, palette, YCbCr, min-is-white...: raw values are not RGB
+        return None  # PIL converts these to RGB
     size = _tiff_size(path)
     if size is not None:
         _check_pixels(path, size, max_pixels)

@@ -21,6 +21,10 @@ The recipe follows the official GLASS code (``datasets/mvtec.py``, ``perlin.py``
 Outside the mask the image is unchanged, bit for bit; the returned mask is exactly the set of pixels the
 overlay may change.
 
+Also here: :func:`load_foreground` (optional foreground masks, matched to images by file name) and GLASS's
+feature-level synthesis, GAS (:func:`global_anomaly_features`: gradient ascent from noisy normal features with
+a :func:`truncated_projection` onto a distance shell, see :mod:`mudenet_core.baselines.glass`).
+
 Example:
     >>> g = torch.Generator().manual_seed(0)
     >>> x = torch.rand(3, 64, 64)
@@ -35,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +50,8 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
 from mudenet_core.config import ConfigBase, ConfigError, bounded, nonnegative, positive
-from mudenet_core.data.images import IMAGE_EXTENSIONS, DataError, load_image
-from mudenet_core.data.transforms import denormalize, normalize, to_tensor
+from mudenet_core.data.images import IMAGE_EXTENSIONS, DataError, binarize_mask, load_image, load_mask
+from mudenet_core.data.transforms import denormalize, normalize, resize_mask, to_tensor
 from mudenet_core.utils import progress
 
 SELF_TEXTURE = "self"
@@ -447,6 +451,96 @@ def texture_source(
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
     return TextureFolder(p, size)
+
+
+# ------------------------------------------------------------------------------------------ foreground masks
+def load_foreground(paths: list[str], folder: str | Path, size: int) -> torch.Tensor:
+    """Foreground masks (N, 1, H, W) in {0, 1} for training images, from files named like them in ``folder``.
+
+    Raises:
+        DataError: the folder or a mask is missing (naming the image and where it was looked for).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"foreground mask folder not found: {folder}")
+    out = []
+    for p in map(Path, paths):
+        cands = [folder / p.name, *(folder / f"{p.stem}{ext}" for ext in sorted(IMAGE_EXTENSIONS))]
+        hit = next((c for c in cands if c.is_file()), None)
+        if hit is None:
+            raise DataError(f"foreground mask for {p} not found: expected {folder / p.name} (or "
+                            f"{p.stem}.<image extension>) in {folder}")
+        m = torch.from_numpy(binarize_mask(load_mask(hit))).float()[None]  # (1, H0, W0)
+        out.append((resize_mask(m, size) > 0.5).float())
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------- feature level (GAS)
+GAS_EPS = 1e-10  # guards the gradient and projection norms (official GLASS value)
+
+
+def truncated_projection(points: torch.Tensor, anchor: torch.Tensor, r_min, r_max) -> torch.Tensor:
+    """Move each point along its ray from ``anchor`` so that its distance lies in [r_min, r_max].
+
+    Args:
+        points: (N, D).
+        anchor: (N, D) (true features for the manifold, the centre for the hypersphere).
+        r_min: smallest distance (float or 0-d tensor).
+        r_max: largest distance (float or 0-d tensor).
+
+    Returns:
+        (N, D); points already in the shell are unchanged.
+    """
+    h = points - anchor  # (N, D)
+    n = h.norm(dim=1, keepdim=True)  # (N, 1)
+    lo = torch.as_tensor(r_min, dtype=n.dtype, device=n.device)
+    hi = torch.as_tensor(r_max, dtype=n.dtype, device=n.device)
+    return anchor + h * (torch.minimum(torch.maximum(n, lo), hi) / (n + GAS_EPS))
+
+
+def gas_shell(distribution: str, true: torch.Tensor, centre: torch.Tensor, r_t: torch.Tensor,
+              manifold_r: float) -> tuple[torch.Tensor, float | torch.Tensor, float | torch.Tensor]:
+    """The GAS projection target: (anchor (N, D), r_min, r_max) of the manifold or the hypersphere."""
+    if distribution == "hypersphere":
+        return centre, r_t, 2 * r_t
+    return true, manifold_r, 2 * manifold_r
+
+
+def global_anomaly_features(discriminator: Callable[[torch.Tensor], torch.Tensor], true: torch.Tensor,
+                            start: torch.Tensor, *, steps: int, step_size: float, every: int,
+                            anchor: torch.Tensor, r_min, r_max) -> torch.Tensor:
+    """GAS: gradient ascent of BCE(D(f), 1) from ``start``, with a truncated projection every ``every`` steps.
+
+    The discriminator sees ``[true; f]`` together at every step, as in training (BatchNorm in training mode
+    uses the statistics of both); only ``f`` moves. Nothing reaches the discriminator's parameters' grads.
+
+    Args:
+        discriminator: maps (N, D) -> (N,) probabilities.
+        true: the normal features (N, D), detached.
+        start: the noisy features (N, D).
+        steps: ascent steps.
+        step_size: length of each step (along the normalised gradient).
+        every: projection period (steps).
+        anchor: the shell's anchor (N, D) (see :func:`gas_shell`).
+        r_min: the shell's inner radius.
+        r_max: the shell's outer radius.
+
+    Returns:
+        the synthesised anomalous features (N, D), detached.
+    """
+    assert true.shape == start.shape and true.ndim == 2, f"{tuple(true.shape)} vs {tuple(start.shape)}"
+    f = start.detach()
+    n = true.shape[0]
+    for step in range(steps):
+        f.requires_grad_(True)
+        p = discriminator(torch.cat([true.detach(), f]))[n:]  # (N,)
+        loss = F.binary_cross_entropy(p, torch.ones_like(p))
+        (grad,) = torch.autograd.grad(loss, [f])
+        with torch.no_grad():
+            f = f + step_size * grad / (grad.norm(dim=1, keepdim=True) + GAS_EPS)
+            if (step + 1) % every == 0:
+                f = truncated_projection(f, anchor, r_min, r_max)
+    return f.detach()
 
 
 # ------------------------------------------------------------------------------------------ validation set

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 # method -> (cpu-profile overrides for a test-sized run, image AUROC margin). Measured on this data
 # (seed 0, one thread; image / pixel AUROC): PaDiM 0.983 / 0.996, PatchCore 0.892 / 0.992, autoencoder
 # (20 epochs) 0.792 / 0.927, MuDeNet (150 + 150 steps) 0.725 / 0.949. A sign flip gives 1 - AUROC.
-# Uninformed Students has its own quality test in tests/unit/test_uninformed_students.py.
+# Uninformed Students has its own quality test in tests/unit/test_uninformed_students.py; GLASS, PAGMFR and
+# RGPKD theirs in tests/integration/test_{glass,pagmfr,rgpkd}_quality.py.
 CASES = {
     "padim": ([], 0.85),
     "patchcore": ([], 0.75),

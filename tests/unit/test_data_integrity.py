@@ -395,3 +395,20 @@ def test_new_data_config_values_load_from_strings():
     assert (cfg.strict, cfg.preload, cfg.max_image_pixels, cfg.preload_dtype, cfg.reduce_on_load) == \
            (False, False, 0, "uint8", True)
     assert DataConfig().max_image_pixels == 100_000_000 and DataConfig().strict and DataConfig().preload
+
+
+def test_cmyk_tiff_decodes_to_the_rgb_pil_gives(tmp_path):
+    """A CMYK TIFF is converted as PIL converts it (tifffile alone would read C, M, Y as R, G, B)."""
+    import numpy as np
+    from PIL import Image
+
+    from mudenet_core.data.images import load_image
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (200, 30, 30)
+    rgb[:, 4:] = (20, 180, 60)
+    p = tmp_path / "cmyk.tif"
+    Image.fromarray(rgb).convert("CMYK").save(p)
+    expected = np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0
+    np.testing.assert_allclose(load_image(p), expected, atol=1e-6)
+    assert load_image(p)[0, 0, 0] > 0.5  # red stays red (raw C of red is near 0)
