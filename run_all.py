@@ -17,6 +17,9 @@ Examples::
     python run_all.py --profile smoke                  # a minute-scale check of the whole pipeline
     python run_all.py --profile paper --dataset mvtec_ad --data-root /data/mvtec_ad --seeds 0 1 2 --jobs 2
     python run_all.py --resume                         # skip notebooks whose outputs are complete
+    python run_all.py --profile smoke --executor ray   # one Ray task per run, on a local Ray cluster
+    # the paper grid on a Ray cluster, one GPU per run; data and results on a filesystem all nodes mount:
+    python run_all.py --profile paper --data-root /nfs/mvtec --out /nfs/results --executor ray --address auto
     python run_all.py --reference                      # regenerate results/reference/cpu/ (clean tree)
 
 Exit status: 0 done, 1 a notebook failed, 2 a user error (a bad option, ``--set`` key or value, a dataset
@@ -24,7 +27,9 @@ folder that is missing or lacks what the run needs): one line on stderr, before 
 
 Profiles live in ``params/<profile>.yaml``: the run grid (dataset, categories, seeds, methods) and the
 notebook parameters (``common`` for every notebook that declares the name, ``notebooks.<NN_name>`` for one).
-The pieces live in :mod:`mudenet_core.workbook` (plan, resume, execute, manifest, render, console).
+The pieces live in :mod:`mudenet_core.workbook` (plan, resume, execute, ray_executor, manifest, render,
+console). With ``--executor ray`` the results and data folders must be on a filesystem every node of the
+cluster mounts at the same path (see :mod:`mudenet_core.workbook.ray_executor`).
 """
 
 from __future__ import annotations

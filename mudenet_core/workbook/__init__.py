@@ -9,7 +9,10 @@
   notebook source, package code, parameters, dataset fingerprint) and when a notebook may ``REUSE`` its
   checkpoints.
 - :mod:`~mudenet_core.workbook.execute`: executing one notebook with papermill, one (dataset, category, seed)
-  run, and the whole profile (in process or in a process pool).
+  run, and the whole profile (in process, in a process pool, or on Ray).
+- :mod:`~mudenet_core.workbook.executor_config`: ``--executor local|ray`` and the ``executor:`` section of a
+  profile (the resources of one run on Ray).
+- :mod:`~mudenet_core.workbook.ray_executor`: one Ray task per run, on an existing cluster or a local one.
 - :mod:`~mudenet_core.workbook.manifest`: the one writer of ``manifest.json`` (per profile and per run).
 - :mod:`~mudenet_core.workbook.render`: HTML of executed notebooks and the profile's ``index.html``.
 - :mod:`~mudenet_core.workbook.console`: one clean progress line per notebook.

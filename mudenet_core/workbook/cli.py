@@ -11,6 +11,7 @@ import sys
 import time
 
 from mudenet_core.workbook.execute import run_profile
+from mudenet_core.workbook.executor_config import EXECUTORS
 from mudenet_core.workbook.plan import DATASETS, PROFILES, REPO_ROOT, PlanError, RunAllError, make_plan
 
 DESCRIPTION = """\
@@ -47,7 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None,
                    help="methods of the harness (mudenet runs notebooks 10-30 and 50; the others run in "
                         "40_baselines); default: the profile's")
-    p.add_argument("--jobs", type=int, default=1, help="independent (category, seed) runs in parallel")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="independent (dataset, category, seed) runs in parallel (default 1); with --executor "
+                        "ray: the local cluster gets N x executor.num_cpus CPUs (default: every core)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: this machine (--jobs processes); ray: one Ray task per (dataset, category, "
+                        "seed) run with the resources of params/<profile>.yaml executor: (num_cpus, "
+                        "num_gpus, max_retries), on --address or a local cluster; outputs go to "
+                        "--results-root, which every node must see at the same path (a shared filesystem)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: an existing cluster (auto, HOST:PORT, ray://HOST:PORT); "
+                        "default: start a local one")
     p.add_argument("--resume", action="store_true",
                    help="skip notebooks whose outputs are complete (same notebook, package code, configs, "
                         "parameters and dataset files) and let notebooks reuse checkpoints made from the "
@@ -97,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path of the arguments that cannot be read
         _error(f"{type(e).__name__}: {e}")
         return 2
+    where = "" if plan.executor == "local" else f" on Ray ({plan.address or 'a local cluster'})"
     print(
         f"[run_all] profile {plan.profile}{' (reference)' if plan.reference else ''}: "
-        f"{len(plan.runs)} run(s) x {len(plan.notebooks)} notebook(s) -> {plan.profile_dir}",
+        f"{len(plan.runs)} run(s) x {len(plan.notebooks)} notebook(s) -> {plan.profile_dir}{where}",
         flush=True,
     )
     try:

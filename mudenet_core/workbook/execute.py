@@ -1,8 +1,16 @@
 """Executing the plan: one notebook (papermill), one (dataset, category, seed) run, the whole profile.
 
-Runs execute in this process (``--jobs 1``) or in a spawned process pool; either way only this process writes
-the profile manifest (:class:`~mudenet_core.workbook.manifest.ProfileManifest`), from the results the runs
-return. Each run keeps its own ``<run>/manifest.json`` up to date after every notebook.
+Runs execute in this process (``--jobs 1``), in a spawned process pool (``--jobs N``) or as Ray tasks
+(``--executor ray``, :mod:`~mudenet_core.workbook.ray_executor`). Whatever the executor, one file has one
+writer: only this process (the driver) writes the profile manifest
+(:class:`~mudenet_core.workbook.manifest.ProfileManifest`), from the results the runs return to it, one at a
+time; a run's own ``<run>/manifest.json`` is written only by the one process executing that run (after every
+notebook, so an interrupted run resumes where it stopped). No two processes ever read-modify-write the same
+manifest, so no record can be lost between them.
+
+Every entry carries the ``invocation`` id of the run_all call that wrote it. An attempt that finds entries of
+its own invocation is a retry (Ray reran a run whose worker died): it skips the notebooks that attempt
+completed and reruns the interrupted one (allowed to ``REUSE`` its checkpoints), even without ``--resume``.
 """
 
 from __future__ import annotations
@@ -12,9 +20,11 @@ import datetime as dt
 import logging
 import multiprocessing as mp
 import os
+import socket
 import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 from mudenet_core.workbook import manifest as mf
@@ -39,9 +49,14 @@ from mudenet_core.workbook.plan import (
 # The kernels
 # ------------------------------------------------------------------------------------------------------------
 def kernel_env(plan: Plan) -> dict[str, str]:
-    """Environment for the kernels: quiet progress bars and a fair share of the CPU threads per job."""
+    """Environment for the kernels: quiet progress bars and a fair share of the CPU threads per job.
+
+    Threads: the caller's ``OMP_NUM_THREADS``, else ``cpu_count // jobs`` (local) or the profile's
+    ``executor.num_cpus`` (Ray: the CPUs the run holds).
+    """
     # an OMP_NUM_THREADS set by the caller wins (two run_all processes sharing a machine)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // plan.jobs)
+    share = plan.resources.num_cpus if plan.executor == "ray" else max(1, (os.cpu_count() or 1) // plan.jobs)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or share
     return {
         "MUDENET_NO_PROGRESS": "1",
         "OMP_NUM_THREADS": str(threads),
@@ -201,7 +216,9 @@ def execute_run(plan: Plan, key: RunKey, queue=None) -> dict:
     With ``plan.resume`` a notebook whose outputs are complete is skipped (until one re-runs: every later one
     re-runs too, its inputs changed), and a notebook that runs gets ``REUSE`` only when
     :func:`~mudenet_core.workbook.resume.reuse_allowed`. The run manifest is rewritten (atomically) before
-    and after every notebook, so an interrupted run resumes where it stopped.
+    and after every notebook, so an interrupted run resumes where it stopped. An entry of this very
+    invocation (``plan.invocation``) is treated the same way without ``--resume``: it was written by an
+    earlier attempt of this run whose worker died (a Ray retry).
 
     Returns:
         ``{"key", "entries", "executed", "failed"}``.
@@ -223,23 +240,29 @@ def execute_run(plan: Plan, key: RunKey, queue=None) -> dict:
             failed = {"notebook": name, "error": str(e), "executed": "(not executed)"}
             break
         inputs = resume.notebook_inputs(name, fingerprint)
-        if plan.resume:
-            why = "an earlier notebook ran" if dirty else resume.why_incomplete(old.get(name), name, params,
-                                                                                run_dir, inputs)
+        prev = old.get(name)
+        retry = bool(plan.invocation) and (prev or {}).get("invocation") == plan.invocation
+        if plan.resume or retry:
+            why = "an earlier notebook ran" if dirty else resume.why_incomplete(prev, name, params, run_dir,
+                                                                                inputs)
             if why is None:
+                executed += retry  # executed in this invocation, by an earlier attempt
                 emit(("skip", key.label, name, None))
                 continue
+            if retry and prev.get("status") == "running":
+                why = "the worker of the previous attempt died during it (retried)"
             emit(("rerun", key.label, name, why))
         dirty = True
         if "REUSE" in params:
-            params["REUSE"] = plan.resume and resume.reuse_allowed(old.get(name), name, params, inputs)
+            params["REUSE"] = (plan.resume or retry) and resume.reuse_allowed(prev, name, params, inputs)
         # recorded before it starts: an interrupted execution still says which inputs its checkpoints have
-        entries[name] = {"notebook": name, "run": key.label, "status": "running", **inputs,
-                         "parameters": params, "start": mf.now()}
+        here = {"run": key.label, "invocation": plan.invocation, "host": socket.gethostname()}
+        entries[name] = {"notebook": name, **here, "status": "running", **inputs, "parameters": params,
+                         "start": mf.now()}
         mf.write_run_manifest(mpath, key.label, entries)
         emit(("start", key.label, name, None))
         entry = execute_one(name, params, run_dir, env=kernel_env(plan), inputs=inputs)
-        entry["run"] = key.label
+        entry.update(here)
         entries[name] = entry
         executed += 1
         mf.write_run_manifest(mpath, key.label, entries)
@@ -248,6 +271,30 @@ def execute_run(plan: Plan, key: RunKey, queue=None) -> dict:
             failed = {"notebook": name, "error": entry.get("error", ""), "executed": entry["executed"]}
             break
     return {"key": key.label, "entries": mf.sorted_entries(entries), "executed": executed, "failed": failed}
+
+
+def completed_run(plan: Plan, key: RunKey) -> dict | None:
+    """With ``--resume``: the result of a run whose every planned notebook is complete, else None.
+
+    The same test as :func:`execute_run` makes, without executing anything, so an executor can leave complete
+    runs out before it starts workers (a ``--resume`` with nothing left to do needs no Ray cluster).
+    """
+    if not plan.resume:
+        return None
+    run_dir = plan.run_dir(key)
+    old = mf.read_run_manifest(run_dir / "manifest.json")
+    fingerprint = resume.data_fingerprint(plan, key)
+    for name, scope in NOTEBOOKS:
+        if scope != "run" or name not in plan.notebooks:
+            continue
+        try:
+            params = notebook_parameters(plan, name, key, notebook_declarations(name))
+        except RunAllError:
+            return None
+        inputs = resume.notebook_inputs(name, fingerprint)
+        if resume.why_incomplete(old.get(name), name, params, run_dir, inputs) is not None:
+            return None
+    return {"key": key.label, "entries": mf.sorted_entries(old), "executed": 0, "failed": None}
 
 
 def _execute_run_worker(plan: Plan, key: RunKey, queue) -> dict:
@@ -274,7 +321,15 @@ class _Direct:
 
 
 def _execute_runs(plan: Plan, record, on_event) -> None:
-    """Every run of the plan, in this process or in a spawned pool of ``plan.jobs`` workers."""
+    """Every run of the plan: on Ray, in this process, or in a spawned pool of ``plan.jobs`` workers.
+
+    ``record`` (the driver's, the one writer of the profile manifest) gets each run's result in turn.
+    """
+    if plan.executor == "ray":
+        from mudenet_core.workbook import ray_executor
+
+        ray_executor.execute_runs(plan, record, on_event)
+        return
     if plan.jobs == 1 or len(plan.runs) == 1:
         for key in plan.runs:
             record(execute_run(plan, key, _Direct(on_event)))
@@ -375,6 +430,7 @@ def run_profile(plan: Plan, *, show_progress: bool = True, argv: list[str] | Non
     from mudenet_core.workbook import gitstate
 
     argv = sys.argv[1:] if argv is None else argv
+    plan.invocation = uuid.uuid4().hex[:12]  # recorded in every entry: a retry recognises its own
     sha = git_sha()  # once, before this run writes anything
     plan.profile_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(plan.profile_dir)  # what writes killed in an earlier run left behind
@@ -383,10 +439,12 @@ def run_profile(plan: Plan, *, show_progress: bool = True, argv: list[str] | Non
     n_prof = sum(1 for n, s in NOTEBOOKS if s == "profile" and n in plan.notebooks)
     console = Console(n_run * len(plan.runs) + n_prof, profile=plan.profile, enabled=show_progress)
     executed = 0
-    with tempfile.TemporaryDirectory(prefix="run_all-") as tmp:
+    # Ray workers on other nodes must read the kernels' git index: keep it on the (shared) results filesystem
+    tmp_parent = plan.profile_dir if plan.executor == "ray" and plan.reference else None
+    with tempfile.TemporaryDirectory(prefix=".run_all-", dir=tmp_parent) as tmp:
         if plan.reference:  # the run's own writes into tracked reference files must not make the SHA dirty
             plan.extra_env = gitstate.index_ignoring(plan.profile_dir, Path(tmp))
-        threads = mf.thread_settings(kernel_env(plan), plan.jobs)
+        threads = mf.thread_settings(kernel_env(plan), plan.jobs, executor=plan.executor)
         manifest = mf.ProfileManifest(plan, git_sha=sha, threads=threads, argv=argv)
 
         def record(res: dict) -> None:

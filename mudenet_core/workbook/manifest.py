@@ -1,10 +1,14 @@
 """The one writer of the manifests: ``<profile>/manifest.json`` and ``<run>/manifest.json`` (atomic writes).
 
 The profile manifest records the profile, the command lines that wrote into the folder (``invocations``), the
-git SHA, package versions, the CPU thread settings of the kernels, start/end times, and per run the entry of
-every notebook (parameters, inputs, status, times, files produced). The run manifest holds the same entries
-for one (dataset, category, seed), rewritten after every notebook, so an interrupted run resumes where it
-stopped.
+git SHA, package versions, the CPU thread settings of the kernels, the executor (local, or Ray with its
+address and the resources of one run), start/end times, and per run the entry of every notebook (parameters,
+inputs, status, times, files produced, the invocation and the host that executed it). The run manifest holds
+the same entries for one (dataset, category, seed), rewritten after every notebook, so an interrupted run
+resumes where it stopped.
+
+Each file has one writing process: the profile manifest only the driver (:class:`ProfileManifest`, fed the
+results the runs return, whatever the executor), a run manifest only the process executing that run.
 """
 
 from __future__ import annotations
@@ -51,18 +55,26 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def thread_settings(kernel_env: dict[str, str], jobs: int) -> dict:
+def thread_settings(kernel_env: dict[str, str], jobs: int, *, executor: str = "local") -> dict:
     """The CPU threads of each kernel: what run_all set, and why (results depend on it, see the README)."""
     n = int(kernel_env["OMP_NUM_THREADS"])
+    default = "the profile's executor.num_cpus" if executor == "ray" else "cpu_count // jobs"
     return {
         "OMP_NUM_THREADS": n,
         "MKL_NUM_THREADS": int(kernel_env.get("MKL_NUM_THREADS", n)),
         "torch_num_threads": n,  # torch's intra-op pool follows OMP_NUM_THREADS in each kernel
         "jobs": jobs,
-        "cpu_count": os.cpu_count(),
-        "chosen_by": ("the caller's OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS")
-                      else "cpu_count // jobs"),
+        "cpu_count": os.cpu_count(),  # of the driver's machine
+        "chosen_by": "the caller's OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else default,
     }
+
+
+def executor_settings(plan: Plan) -> dict:
+    """The executor of an invocation: ``local``, or ``ray`` with its address and one run's resources."""
+    if plan.executor != "ray":
+        return {"name": "local", "jobs": plan.jobs}
+    return {"name": "ray", "address": plan.address or "local cluster", "cluster_cpus": plan.cluster_cpus,
+            **plan.resources.to_dict()}
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -110,6 +122,7 @@ class ProfileManifest:
         previous = load_json(self.path) if self.path.is_file() else {}
         started = now()
         this_plan = {key.label for key in plan.runs}
+        executor = executor_settings(plan)
         self.data: dict = {
             "profile": plan.profile,
             "reference": plan.reference,
@@ -117,6 +130,7 @@ class ProfileManifest:
             "git_sha": git_sha,
             "packages": package_versions(),
             "threads": threads,
+            "executor": executor,
             "started": started,
             "data_root": str(plan.data_root),
             "methods": plan.methods,
@@ -126,7 +140,8 @@ class ProfileManifest:
             "report": previous.get("report"),
             # every invocation that wrote into this profile folder (runs of other datasets stay in the report)
             "invocations": [*previous.get("invocations", []),
-                            {"argv": argv, "git_sha": git_sha, "started": started, "threads": threads}],
+                            {"argv": argv, "git_sha": git_sha, "started": started, "threads": threads,
+                             "executor": executor, "invocation": plan.invocation}],
         }
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mudenet_core.workbook.errors import PlanError, RunAllError
+from mudenet_core.workbook.executor_config import ExecutorConfig, executor_config, require_ray
 from mudenet_core.workbook.overrides import data_overrides, parse_overrides, validate_method_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -102,20 +103,24 @@ def notebook_declarations(name: str) -> dict[str, Any]:
 # Profiles and the run plan
 # ------------------------------------------------------------------------------------------------------------
 def load_profile(profile: str) -> dict:
-    """``params/<profile>.yaml`` as a dict with keys ``run``, ``common``, ``notebooks``, ``synthetic``."""
+    """``params/<profile>.yaml`` as a dict: ``run``, ``common``, ``notebooks``, ``synthetic``, ``executor``.
+
+    ``executor`` is an :class:`~mudenet_core.workbook.executor_config.ExecutorConfig` (checked here).
+    """
     if profile not in PROFILES:
         raise PlanError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     path = PARAMS_DIR / f"{profile}.yaml"
     if not path.is_file():
         raise PlanError(f"profile file not found: {path}")
     d = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(d) - {"run", "common", "notebooks", "synthetic", "description"})
+    unknown = sorted(set(d) - {"run", "common", "notebooks", "synthetic", "executor", "description"})
     if unknown:
         raise PlanError(f"{path}: unknown top-level key(s) {unknown}")
     d.setdefault("run", {})
     d.setdefault("common", {})
     d.setdefault("notebooks", {})
     d.setdefault("synthetic", {})
+    d["executor"] = executor_config(d.get("executor"), path)
     for nb in d["notebooks"]:
         if nb not in dict(NOTEBOOKS):
             raise PlanError(f"{path}: notebooks.{nb} is not one of {', '.join(n for n, _ in NOTEBOOKS)}")
@@ -156,6 +161,11 @@ class Plan:
     allow_dirty: bool = False  # --reference from a dirty tree (the SHA then says -dirty)
     texture_dir: str = ""  # --texture-dir, absolute ("" = none)
     extra_env: dict = field(default_factory=dict)  # for the kernels, set while executing (GIT_INDEX_FILE)
+    executor: str = "local"  # --executor: local (this process or --jobs processes) | ray
+    address: str | None = None  # --address of an existing Ray cluster (None: a local one is started)
+    resources: ExecutorConfig = field(default_factory=ExecutorConfig)  # the profile's executor: section
+    cluster_cpus: int | None = None  # CPUs of the local Ray cluster (None with --address)
+    invocation: str = ""  # id of this run_all invocation, recorded in every entry (set by run_profile)
 
     @property
     def profile_dir(self) -> Path:
@@ -414,8 +424,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         texture_dir = str(tex)
         _require_consumer("--texture-dir", "TEXTURE_DIR", notebooks, declared)
     common.update({"OVERRIDES": overrides, "DATA_OVERRIDES": data_over, "TEXTURE_DIR": texture_dir})
-    if args.jobs < 1:
-        raise PlanError(f"--jobs must be >= 1, got {args.jobs}")
+    executor, address, cluster_cpus = _executor_options(args, prof["executor"])
 
     plan = Plan(
         profile=args.profile,
@@ -427,18 +436,54 @@ def make_plan(args: argparse.Namespace) -> Plan:
         common=common,
         per_notebook=copy.deepcopy(prof["notebooks"]),
         resume=bool(args.resume),
-        jobs=args.jobs,
+        jobs=args.jobs or 1,
         synthetic=dict(prof["synthetic"]),
         explicit_root=bool(args.data_root),
         reference=bool(getattr(args, "reference", False)),
         allow_dirty=bool(getattr(args, "allow_dirty", False)),
         texture_dir=texture_dir,
+        executor=executor,
+        address=address,
+        resources=prof["executor"],
+        cluster_cpus=cluster_cpus,
     )
     for name in notebooks:  # a per-notebook key of the profile that the notebook does not declare
         notebook_parameters(plan, name, plan.runs[0] if dict(NOTEBOOKS)[name] == "run" else None,
                             declared[name])
     check_output_location(plan)
     return plan
+
+
+def _executor_options(args: argparse.Namespace,
+                      resources: ExecutorConfig) -> tuple[str, str | None, int | None]:
+    """``--executor``, ``--address`` and ``--jobs`` checked together: (executor, address, local cluster CPUs).
+
+    With ``--executor ray`` and no ``--address``, ``--jobs N`` sizes the local cluster for N runs at once
+    (N x ``executor.num_cpus`` CPUs; default: every core). With ``--address`` the cluster decides.
+
+    Raises:
+        PlanError: ``--jobs`` < 1, ``--address`` or ``--jobs`` with an executor they do not apply to, or Ray
+            not importable.
+    """
+    import os
+
+    executor = getattr(args, "executor", None) or "local"
+    address = getattr(args, "address", None)
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        raise PlanError(f"--jobs must be >= 1, got {jobs}")
+    if executor == "local":
+        if address:
+            raise PlanError("--address only applies to --executor ray")
+        return executor, None, None
+    require_ray()
+    if address:
+        if jobs is not None:
+            raise PlanError("--jobs does not apply with --address: the Ray cluster's resources decide how "
+                            "many runs execute at once (params/<profile>.yaml executor.num_cpus/num_gpus per "
+                            "run)")
+        return executor, address, None
+    return executor, None, jobs * resources.num_cpus if jobs else (os.cpu_count() or 1)
 
 
 def check_output_location(plan: Plan) -> None:
