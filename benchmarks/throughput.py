@@ -16,10 +16,17 @@ The networks are randomly initialised (throughput does not depend on the weights
 Rows are appended atomically (under a lock) to ``results/benchmarks/throughput_<device>.csv``: one row per
 (config, device, dtype, mode, batch), tidy.
 
+``--compile`` adds inference rows with ``torch.compile``d networks (dtype ``fp32+compile`` / ``bf16+compile``
+...; training is not compiled). ``--loss-curve N`` instead runs N stage-2 training steps of each config on a
+generated ``plate`` category (randomly initialised teacher: no backbone download) and writes the per-step
+losses to ``results/benchmarks/loss_curve_<device>.csv`` (``benchmarks/gpu_check.sh`` uses both).
+
 Usage::
 
     python benchmarks/throughput.py --quick   # CPU (+ CUDA if present); CPU part ~3 min on an idle 2-core box
     python benchmarks/throughput.py --devices cuda --configs paper --repeats 20
+    python benchmarks/throughput.py --devices cuda --configs paper --compile --repeats 20
+    python benchmarks/throughput.py --devices cuda --configs paper --loss-curve 200
 """
 
 from __future__ import annotations
@@ -191,8 +198,51 @@ def time_training(det: MuDeNet, cfg: MuDeNetConfig, pool: torch.Tensor, device: 
     return sec / steps, peak
 
 
+def compiled(det: MuDeNet) -> MuDeNet:
+    """The same detector with ``torch.compile``d networks for ``predict`` (training stays eager)."""
+    det.nets = torch.compile(det.nets)
+    return det
+
+
+def loss_curve(name: str, cfg: MuDeNetConfig, device: torch.device, steps: int, *, n_images: int = 16,
+               seed: int = 0) -> pd.DataFrame:
+    """Per-step stage-2 losses of ``steps`` steps on a generated ``plate`` category at the config's size.
+
+    The teacher is randomly initialised (frozen, as in stage 2): the curve checks the training path and its
+    speed on ``device``, not detection quality.
+
+    Returns:
+        one row per step: config, device, step, L1, LA, L2, L, seconds since the start.
+    """
+    import tempfile
+
+    from mudenet_core.data import DataConfig, make_splits, synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic.generate(tmp, categories=["plate"], image_size=cfg.image_size, n_train=n_images,
+                           n_test_good=1, n_test_per_defect=1, seed=seed)
+        splits = make_splits(DataConfig(dataset="synthetic", root=tmp, category="plate",
+                                        image_size=cfg.image_size, val_fraction=0.0), show_progress=False)
+        pool = torch.stack([splits.train[i]["image"] for i in range(len(splits.train))])  # (N, 3, H, W)
+    det = build_detector(cfg, device, seed=seed)
+    tc = cfg.train
+    t0, stamps = time.perf_counter(), []
+
+    def tick(stage: str, step: int, losses: dict) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter() - t0)
+
+    log = train.train_end_to_end(det.nets, pool, steps=steps, lr=tc.lr, batch_size=tc.batch_size,
+                                 generator=torch.Generator().manual_seed(seed), device=device,
+                                 detach_ae=tc.detach_ae, hard_q=tc.hard_q, callback=tick, show_progress=False)
+    n = len(log["L"])
+    return pd.DataFrame({"config": name, "device": device.type, "step": list(range(1, n + 1)),
+                         **{k: log[k] for k in ("L1", "LA", "L2", "L")}, "elapsed_s": stamps[:n]})
+
+
 def bench_config(name: str, cfg: MuDeNetConfig, device: torch.device, dtypes: list[str], *, repeats: int,
-                 train_steps: int, warmup: int, batches: tuple[int, ...], quick: bool = False) -> list[dict]:
+                 train_steps: int, warmup: int, batches: tuple[int, ...], quick: bool = False,
+                 compile_inference: bool = False) -> list[dict]:
     """All measurements of one config on one device: inference per batch size, then training, per dtype.
 
     With ``quick``, only the first batch size gets warm-up calls (they initialise the kernels for the others
@@ -203,6 +253,17 @@ def bench_config(name: str, cfg: MuDeNetConfig, device: torch.device, dtypes: li
     rows = []
     for dtype in dtypes:
         det = build_detector(cfg, device)
+        if compile_inference:  # extra inference rows with the compiled networks (warm-up includes compiling)
+            cdet = compiled(build_detector(cfg, device))
+            for b in batches:
+                images = torch.randn(b, 3, size, size, generator=g).to(device)
+                n = repeats if b == batches[0] else max(1, repeats // 2)
+                sec, peak = time_inference(cdet, images, device, dtype, repeats=n, warmup=max(1, warmup))
+                rows.append(dict(config=name, dtype=f"{dtype}+compile", mode="inference", batch=b,
+                                 images_per_s=b / sec, peak_mem_mb=peak, repeats=n, image_size=size))
+                print(f"  {name:6s} {device.type:4s} {dtype}+compile inference b={b:<3d} "
+                      f"{b / sec:9.2f} img/s", flush=True)
+            del cdet
         for b in batches:
             images = torch.randn(b, 3, size, size, generator=g).to(device)  # (B, 3, H, W)
             n = repeats if b == batches[0] else max(1, repeats // 2)
@@ -258,7 +319,7 @@ def measure(name: str, dtype: str, device: torch.device, args, *, repeats: int,
     print(f"{name}: width={cfg.width} C={cfg.out_channels} Z={cfg.latent_dim} size={cfg.image_size} "
           f"train batch={cfg.train.batch_size} on {device} ({dtype})", flush=True)
     rows = bench_config(name, cfg, device, [dtype], repeats=repeats, train_steps=train_steps, warmup=1,
-                        batches=(1, 16), quick=args.quick)
+                        batches=(1, 16), quick=args.quick, compile_inference=args.compile)
     det = build_detector(cfg, torch.device("cpu"))
     model_mb = sum(t.numel() * t.element_size() for t in det.nets.state_dict().values()) / 2**20
     for r in rows:
@@ -294,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one timed call each (CPU: ~3 min, idle 2 cores)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: measure everything in this process (faster start, peak RSS less reliable)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time inference with torch.compile'd networks (dtype '<dtype>+compile')")
+    p.add_argument("--loss-curve", type=int, default=0, metavar="STEPS",
+                   help="instead: STEPS stage-2 training steps per config on a generated category, losses to "
+                        "loss_curve_<device>.csv")
     p.add_argument("--out-dir", type=Path, default=REPO / "results" / "benchmarks")
     p.add_argument("--dry-run", action="store_true", help="print the rows, write nothing")
     p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -314,8 +380,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     child_argv = ["--image-size", str(args.image_size), "--repeats", str(repeats), "--train-steps",
                   str(train_steps)] + (["--threads", str(args.threads)] if args.threads else []) + (
-                  ["--quick"] if args.quick else [])
+                  ["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
     sha, stamp = git_sha(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if args.loss_curve > 0:
+        for dev_name in devices:
+            device = torch.device(dev_name)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                print("cuda requested but not available; skipped", file=sys.stderr)
+                continue
+            for name in args.configs:
+                cfg = load_config("mudenet", name)
+                cfg = cfg.replace(image_size=args.image_size) if args.image_size > 0 else cfg
+                df = loss_curve(name, cfg, device, args.loss_curve).assign(git_sha=sha, timestamp_utc=stamp)
+                every = max(1, len(df) // 10)
+                shown = sorted(set(range(0, len(df), every)) | {len(df) - 1})
+                print(df.iloc[shown].round(4).to_string(index=False))
+                print(f"{name} on {device.type}: {len(df)} steps in {df['elapsed_s'].iloc[-1]:.1f} s, "
+                      f"L {df['L'].iloc[:10].mean():.4f} (first 10) -> "
+                      f"{df['L'].iloc[-10:].mean():.4f} (last 10)")
+                if not args.dry_run:
+                    path = append_rows(args.out_dir / f"loss_curve_{device.type}.csv", df)
+                    print(f"appended {len(df)} rows to {path}")
+        return 0
     for dev_name in devices:
         device = torch.device(dev_name)
         if device.type == "cuda" and not torch.cuda.is_available():

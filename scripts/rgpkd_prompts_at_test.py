@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -42,12 +44,15 @@ def main() -> int:
     ap.add_argument("profile_dir", type=Path, help="results profile folder holding manifest.json and runs/")
     args = ap.parse_args()
     manifest = json.loads((args.profile_dir / "manifest.json").read_text())
+    sha = io.git_sha()  # before anything is written
+    scratch = Path(tempfile.mkdtemp(prefix="rgpkd_prompts_"))  # the run folders stay untouched
     rows = []
     for model in sorted(args.profile_dir.glob("runs/*/*/seed*/checkpoints/rgpkd/model.pt")):
         run_dir = model.parents[2]
         dataset, category, seed = run_dir.parts[-3], run_dir.parts[-2], int(run_dir.name[4:])
         p = _parameters(manifest, f"{dataset}/{category}/seed{seed}")
-        run, _, device = experiment.start_run(run_dir, dataset=dataset, category=category, seed=seed,
+        scratch_run = scratch / run_dir.relative_to(args.profile_dir)
+        run, _, device = experiment.start_run(scratch_run, dataset=dataset, category=category, seed=seed,
                                               device="cpu")
         splits = experiment.build_splits(run, p["DATA_ROOT"], p["IMAGE_SIZE"], p.get("DATA_OVERRIDES") or {})
         val_set = experiment.build_validation(splits, p.get("TEXTURE_DIR", ""))
@@ -58,8 +63,9 @@ def main() -> int:
                 m = harness.evaluate(det, ds, show_progress=False).metrics
                 rows += [{"method": "rgpkd", "variant": f"prompts_at_test={prompts}", "dataset": dataset,
                           "category": category, "seed": seed, "split": split, "metric": k, "value": m[k],
-                          "git_sha": io.git_sha()} for k in METRICS]
+                          "git_sha": sha} for k in METRICS]
         print(f"{dataset}/{category}/seed{seed}: done")
+    shutil.rmtree(scratch, ignore_errors=True)
     df = pd.DataFrame(rows)
     io.save_csv(args.profile_dir / "tables" / "rgpkd_prompts_at_test.csv", df)
     summary = df.groupby(["dataset", "category", "variant", "split", "metric"])["value"].agg(["mean", "std"])

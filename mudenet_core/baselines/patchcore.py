@@ -12,8 +12,9 @@ Pipeline (paper's names in brackets):
    sampling, ratio 1 % / 10 % / 25 %) on a seeded Johnson-Lindenstrauss random projection
    (:func:`greedy_coreset`). Memory is bounded: a running min-distance vector (N,) and chunked distance
    computations; no N x N matrix.
-3. Patch scores: distance of every test patch to its nearest neighbour in M (:func:`nearest_neighbors`,
-   chunked in torch, FAISS when installed). The map is upsampled to the image size and blurred (sigma = 4).
+3. Patch scores: distance of every test patch to its nearest neighbour in M (:func:`nearest_neighbors`:
+   blocked ``addmm`` into one reused buffer and argmin / top-k in torch, FAISS when installed). The map is
+   upsampled to the image size and blurred (sigma = 4).
 4. Image score: the largest patch score s* reweighted as in the paper (eq. 7),
    ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*``, where m* is the nearest
    bank element of the most anomalous patch m_test* and N_b(m*) its b nearest bank elements (m* included, as
@@ -169,22 +170,24 @@ def greedy_coreset(features: torch.Tensor, n_select: int, *, generator: torch.Ge
 
 
 def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, chunk_size: int = 16384,
-                      block_elements: int = 1 << 24,
-                      use_faiss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_elements: int = 1 << 20, use_faiss: bool = False,
+                      bank_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours of ``queries`` in ``bank`` (Euclidean), memory-bounded.
 
-    The torch path processes query chunks against bank chunks of ``chunk_size`` rows (at most
-    ``block_elements`` distances at a time, 64 MB in float32) and keeps a running top-k; the returned
-    distances are recomputed directly from the differences, so a query identical to a bank row has distance
-    exactly 0.
+    The torch path ranks by ``|m|^2 - 2 q.m`` (``|q|^2`` is the same for every m of a query, so it cannot
+    change the order): one ``addmm`` per block of queries x bank rows, written into one reused buffer of at
+    most ``block_elements`` floats (4 MB by default, so the block stays in cache), then ``argmin`` (k = 1) or
+    ``topk``; bank chunks of ``chunk_size`` rows are merged with a running top-k. The returned distances are
+    recomputed directly from the differences, so a query identical to a bank row has distance exactly 0.
 
     Args:
         queries: (Q, D).
         bank: (M, D).
         k: neighbours per query (<= M).
         chunk_size: bank rows per chunk.
-        block_elements: bound on the query-chunk x bank-chunk distance block.
+        block_elements: bound on the query-chunk x bank-chunk distance block (the reused buffer).
         use_faiss: use ``faiss.IndexFlatL2`` when FAISS is installed (CPU tensors).
+        bank_sq: precomputed squared norms of the bank rows (M,) (computed when None).
 
     Returns:
         distances (Q, k) ascending, indices (Q, k) into ``bank``.
@@ -206,30 +209,43 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, 
         _, idx = index.search(queries.detach().float().contiguous().numpy(), k)
         idx = torch.from_numpy(idx).long()
     else:
-        bank_sq = (bank * bank).sum(1)  # (M,)
-        q_chunk = max(1, block_elements // min(m, chunk_size))
-        idx_parts = []
-        for qs in range(0, queries.shape[0], q_chunk):
-            q = queries[qs:qs + q_chunk]  # (q, D)
-            q_sq = (q * q).sum(1, keepdim=True)  # (q, 1)
-            best_d = best_i = None
-            for ms in range(0, m, chunk_size):
-                b = bank[ms:ms + chunk_size]  # (mc, D)
-                d2 = q_sq - 2 * q @ b.T + bank_sq[ms:ms + chunk_size]  # (q, mc)
-                kk = min(k, b.shape[0])
-                cd, ci = torch.topk(d2, kk, dim=1, largest=False)  # (q, kk)
-                ci = ci + ms
-                if best_d is not None:
-                    cd, order = torch.topk(torch.cat([best_d, cd], 1), min(k, best_d.shape[1] + kk), dim=1,
-                                           largest=False)
-                    ci = torch.gather(torch.cat([best_i, ci], 1), 1, order)
-                best_d, best_i = cd, ci
-            idx_parts.append(best_i)
-        idx = torch.cat(idx_parts)  # (Q, k)
+        idx = _ranked_neighbors(queries, bank, k, chunk_size, block_elements, bank_sq)
     idx = idx.to(bank.device)
     dist = torch.linalg.vector_norm(queries.unsqueeze(1) - bank[idx], dim=-1)  # (Q, k) exact distances
+    if k == 1:
+        return dist, idx
     dist, order = torch.sort(dist, dim=1)
     return dist, torch.gather(idx, 1, order)
+
+
+def _ranked_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int, block_elements: int,
+                      bank_sq: torch.Tensor | None) -> torch.Tensor:
+    """Indices (Q, k) of the k smallest ``|m|^2 - 2 q.m`` per query (see :func:`nearest_neighbors`)."""
+    m, n_q = bank.shape[0], queries.shape[0]
+    bank_sq = (bank * bank).sum(1) if bank_sq is None else bank_sq  # (M,)
+    mc = min(m, chunk_size)
+    q_chunk = max(1, min(n_q, block_elements // mc))
+    buf = torch.empty(q_chunk, mc, dtype=queries.dtype, device=queries.device)  # reused for every block
+    idx = torch.empty(n_q, k, dtype=torch.long, device=queries.device)
+    for qs in range(0, n_q, q_chunk):
+        q = queries[qs:qs + q_chunk]  # (q, D)
+        best_d = best_i = None
+        for ms in range(0, m, mc):
+            b = bank[ms:ms + mc]  # (mc', D)
+            d2 = buf[:q.shape[0], :b.shape[0]]  # (q, mc') view of the buffer
+            torch.addmm(bank_sq[ms:ms + mc], q, b.T, alpha=-2, out=d2)  # |m|^2 - 2 q.m
+            if k == 1:
+                cd, ci = d2.min(dim=1, keepdim=True)  # (q, 1)
+            else:
+                cd, ci = torch.topk(d2, min(k, b.shape[0]), dim=1, largest=False)  # (q, kk)
+            ci = ci + ms
+            if best_d is not None:  # merge with the best of the earlier bank chunks
+                cd, order = torch.topk(torch.cat([best_d, cd], 1), min(k, best_d.shape[1] + cd.shape[1]),
+                                       dim=1, largest=False)
+                ci = torch.gather(torch.cat([best_i, ci], 1), 1, order)
+            best_d, best_i = cd, ci
+        idx[qs:qs + q.shape[0]] = best_i
+    return idx
 
 
 def reweighted_score(query: torch.Tensor, nn_dist: torch.Tensor, nn_index: torch.Tensor, bank: torch.Tensor,

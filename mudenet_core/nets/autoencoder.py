@@ -6,6 +6,11 @@ Decoder (one per level): a 4x4 stride-4 transposed convolution (Z -> 128) to 4x4
 convolutions (k3, p1, output_padding 1) doubling up to the teacher grid (H/2: 4 -> 8 -> ... -> 128 for 256 px
 input, five layers); the last one outputs C channels. ReLU between layers, none after the last.
 
+Inference path: without gradients (and not tracing) the forward pass runs in channels-last layout, where the
+CPU's transposed convolutions are much faster (measured on 1 thread, batch 8: 1.8x at 128 px / width 64,
+2.5x at 256 px / width 128); the maps are returned contiguous and equal up to float32 rounding. There is no
+BatchNorm to fold. With gradients on (training) nothing changes.
+
 Example:
     >>> ae = Autoencoder(image_size=64, out_channels=8, latent_dim=4, width=16)
     >>> [tuple(a.shape) for a in ae(torch.zeros(2, 3, 64, 64))]
@@ -18,6 +23,8 @@ import math
 
 import torch
 from torch import nn
+
+from mudenet_core.nets.efficientnet_lite import inference_path_enabled
 
 
 def _decoder(latent_dim: int, width: int, out_channels: int, n_up: int) -> nn.Sequential:
@@ -77,5 +84,9 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Image (B, 3, H, W) -> S maps (B, C, H/2, W/2)."""
+        if inference_path_enabled():  # channels-last: the same maps, faster transposed convolutions
+            z = self.encode(x.contiguous(memory_format=torch.channels_last))  # (B, Z, 1, 1)
+            z = z.contiguous(memory_format=torch.channels_last)
+            return tuple(dec(z).contiguous() for dec in self.decoders)  # S x (B, C, H/2, W/2)
         z = self.encode(x)  # (B, Z, 1, 1)
         return tuple(dec(z) for dec in self.decoders)  # S x (B, C, H/2, W/2)

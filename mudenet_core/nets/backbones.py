@@ -15,6 +15,13 @@ Weights:
 
 Every backbone takes ImageNet-normalised input (mean .485/.456/.406, std .229/.224/.225, the data contract);
 the Lite0 wrapper converts to its own normalisation ``(255 x - 127) / 128`` internally.
+
+Inference path: without gradients (``torch.no_grad`` / ``torch.inference_mode``), ``Backbone.forward`` runs
+folded copies of its stages (:func:`fold_stage`: BatchNorm folded into the convolutions, static padding,
+in-place activations) in channels-last layout, built on first use and rebuilt whenever a weight changes (its
+cache key holds every tensor's storage, version counter, device and dtype). The copies are not registered
+submodules, so the state dict is unchanged. With gradients, or while tracing / exporting, the original modules
+run. The returned maps are contiguous (B, C_k, h_k, w_k) either way and equal up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
-from mudenet_core.nets.efficientnet_lite import LITE_MEAN_RGB, LITE_STD_RGB, EfficientNetLite0
+from mudenet_core.nets.efficientnet_lite import (
+    LITE_MEAN_RGB,
+    LITE_STD_RGB,
+    EfficientNetLite0,
+    FoldedConv2d,
+    MBConvBlock,
+    inference_path_enabled,
+    weights_key,
+)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -84,18 +99,83 @@ BACKBONES: dict[str, BackboneSpec] = {
 DEFAULT_LAYERS: dict[str, tuple[str, str, str]] = {n: spec.default_layers for n, spec in BACKBONES.items()}
 
 
+# --- inference copies with BatchNorm folded in -------------------------------------------------------------
+
+
+class FoldedResNetBlock(nn.Module):
+    """torchvision ``BasicBlock`` / ``Bottleneck`` for frozen inference: BatchNorm folded, in-place ReLU."""
+
+    def __init__(self, block: tvm.resnet.BasicBlock | tvm.resnet.Bottleneck):
+        super().__init__()
+        n = 3 if isinstance(block, tvm.resnet.Bottleneck) else 2
+        self.convs = nn.Sequential(*(FoldedConv2d(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"),
+                                                  "relu" if i < n else None) for i in range(1, n + 1)))
+        self.downsample = fold_stage(block.downsample) if block.downsample is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, h, w) -> (B, C_out, h / s, w / s); ``x`` is not modified."""
+        return self.convs(x).add_(self.downsample(x)).relu_()
+
+
+def fold_stage(stage: nn.Module) -> nn.Module:
+    """An inference copy of one backbone stage with every BatchNorm folded into its convolution.
+
+    Knows the pieces the registry builds: ``nn.Sequential`` (a Conv2d followed by a BatchNorm2d, and a
+    ReLU / ReLU6 after that, become one ``FoldedConv2d``), EfficientNet-Lite ``MBConvBlock`` and torchvision
+    ``BasicBlock`` / ``Bottleneck``. Stateless modules (pooling) are shared. Meant for eval mode only (the
+    running statistics are folded), and a snapshot: rebuild it after the weights change.
+
+    Raises:
+        TypeError: a module with parameters or buffers that it does not know how to fold.
+
+    Example:
+        >>> seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+        >>> folded = fold_stage(seq)
+        >>> [type(m).__name__ for m in folded]
+        ['FoldedConv2d']
+        >>> x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(seq(x), folded(x), atol=1e-6))
+        True
+    """
+    if isinstance(stage, MBConvBlock):
+        return stage.folded()
+    if isinstance(stage, tvm.resnet.BasicBlock | tvm.resnet.Bottleneck):
+        return FoldedResNetBlock(stage)
+    if isinstance(stage, nn.Sequential):
+        mods, out, i = list(stage), [], 0
+        while i < len(mods):
+            m = mods[i]
+            if isinstance(m, nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                nxt = mods[i + 2] if i + 2 < len(mods) else None
+                act = {nn.ReLU: "relu", nn.ReLU6: "relu6"}.get(type(nxt))
+                out.append(FoldedConv2d(m, mods[i + 1], act))
+                i += 3 if act else 2
+            else:
+                out.append(fold_stage(m))
+                i += 1
+        return nn.Sequential(*out)
+    if next(iter(stage.parameters()), None) is None and next(iter(stage.buffers()), None) is None:
+        return stage  # stateless (ReLU, pooling, ...): shared, not copied
+    if isinstance(stage, nn.Conv2d):
+        return FoldedConv2d(stage, None)
+    raise TypeError(f"fold_stage: do not know how to fold {type(stage).__name__}")
+
+
 class Backbone(nn.Module):
     """A frozen pretrained network cut into sequential stages; ``forward`` returns the requested maps.
 
     The backbone is always in eval mode: ``.train()`` is a no-op (BatchNorm statistics never move), and every
     parameter has ``requires_grad=False``. Call it under ``torch.no_grad()`` unless gradients to the input are
-    wanted. The forward pass stops at the deepest requested layer.
+    wanted: without gradients it runs the folded inference copies (module docstring; ``fold_inference=False``
+    turns that off). The forward pass stops at the deepest requested layer.
 
     Attributes:
         name: registry name.
         layers: the returned layers, in the requested order.
         channels: ``{layer: C_k}`` for the returned layers.
         strides: ``{layer: s_k}`` for the returned layers.
+        fold_inference: use the folded, channels-last copies when gradients are off (default True).
 
     Example:
         >>> bb = build_backbone("resnet18", pretrained=False)
@@ -125,6 +205,7 @@ class Backbone(nn.Module):
         self.register_buffer("input_shift", (imagenet_mean - mean) / std, persistent=False)
         order = spec.layer_names
         self._last = max(order.index(k) for k in self.layers)
+        self.fold_inference = True
         self.requires_grad_(False)
         self.eval()
 
@@ -137,10 +218,32 @@ class Backbone(nn.Module):
         assert x.ndim == 4 and x.shape[1] == 3, f"expected (B,3,H,W), got {tuple(x.shape)}"
         return x * self.input_scale + self.input_shift
 
+    def _folded_stages(self) -> OrderedDict[str, nn.Module]:
+        """The folded copies of the stages up to the deepest requested one, rebuilt when a weight changed."""
+        used = nn.ModuleList(stage for stage in list(self.stages.values())[: self._last + 1])
+        key = weights_key(used)
+        cached = self.__dict__.get("_folded_cache")  # not a submodule: stays out of the state dict
+        if cached is None or cached[0] != key:
+            names = list(self.stages)[: self._last + 1]
+            with torch.no_grad():
+                cached = (key, OrderedDict((name, fold_stage(self.stages[name])) for name in names))
+            self.__dict__["_folded_cache"] = cached
+        return cached[1]
+
+    def _use_folded(self) -> bool:
+        return self.fold_inference and inference_path_enabled()
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """ImageNet-normalised images (B, 3, H, W) -> ``{layer: (B, C_k, ceil(H / s_k), ceil(W / s_k))}``."""
         h = self.to_network_input(x)
         feats: dict[str, torch.Tensor] = {}
+        if self._use_folded():  # frozen inference: folded BatchNorm, channels-last convolutions
+            h = h.contiguous(memory_format=torch.channels_last)
+            for name, stage in self._folded_stages().items():
+                h = stage(h)
+                if name in self.strides:
+                    feats[name] = h.contiguous()  # (B, C_k, h_k, w_k), standard layout for the callers
+            return {k: feats[k] for k in self.layers}
         for i, (name, stage) in enumerate(self.stages.items()):
             h = stage(h)
             if name in self.strides:

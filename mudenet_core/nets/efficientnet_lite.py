@@ -19,6 +19,14 @@ implementation with the same weights: bit-identical logits and stage maps at 224
 
 Inference only: the training regularisers (dropout before the classifier, drop-connect in the blocks) are left
 out, since the network is used as a frozen feature extractor.
+
+Folded inference path (:meth:`EfficientNetLite0.folded_stage_modules`): copies of the stages with every
+BatchNorm folded into the preceding convolution (``w' = w * gamma / sqrt(var + eps)``,
+``b' = beta - mean * gamma / sqrt(var + eps)``, computed in float64), the "same" padding passed to the
+convolution itself wherever it is symmetric (every stride-1 layer, and stride-2 layers on odd sizes; only the
+stride-2 layers on even sizes still pad explicitly), and in-place ReLU6 / residual additions. It is meant for
+the frozen, eval-mode network under ``torch.no_grad``; its outputs equal the unfused ones up to float32
+rounding (the unfused float32 path itself differs from a float64 evaluation by as much).
 """
 
 from __future__ import annotations
@@ -88,6 +96,155 @@ class Conv2dSame(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+def inference_path_enabled() -> bool:
+    """True when a frozen network may run its folded inference copy: no autograd, not tracing or exporting.
+
+    Used by ``Backbone``, ``DescriptorNet`` and ``Autoencoder``; with gradients on (training, or gradients to
+    the input) or under ``torch.jit`` / ``torch.compile`` / ``torch.export`` the original modules run.
+    """
+    tracing = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    return not torch.is_grad_enabled() and not tracing
+
+
+def weights_key(module: nn.Module) -> tuple:
+    """A key that changes whenever a parameter or buffer of ``module`` is replaced, moved or written in place.
+
+    (storage pointer, version counter, device, dtype) per tensor: ``load_state_dict``, optimiser steps,
+    ``.to()`` and ``.double()`` all change it, so a cached folded copy keyed on it is never stale.
+    """
+    tensors = (*module.parameters(), *module.buffers())
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
+def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow "same" padding (before, after) of one spatial dimension; the odd pixel goes after.
+
+    Example:
+        >>> same_padding(64, 3, 2), same_padding(65, 3, 2), same_padding(64, 5, 1)
+        ((0, 1), (1, 1), (2, 2))
+    """
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm into the convolution before it (float64 arithmetic, cast back).
+
+    Args:
+        weight: convolution weight (C_out, C_in / groups, k, k).
+        bias: convolution bias (C_out,) or None.
+        bn: the BatchNorm2d that follows (running statistics are used).
+
+    Returns:
+        (weight', bias') with ``conv(x, weight', bias') == bn(conv(x, weight, bias))`` in eval mode.
+
+    Example:
+        >>> bn = nn.BatchNorm2d(2).eval()
+        >>> bn.running_var.fill_(4.0); bn.running_mean.fill_(1.0); bn.eps = 0.0
+        tensor([4., 4.])
+        tensor([1., 1.])
+        >>> w, b = fold_batchnorm(torch.ones(2, 1, 1, 1), None, bn)
+        >>> w.flatten().tolist(), b.tolist()
+        ([0.5, 0.5], [-0.5, -0.5])
+    """
+    assert bn.running_mean is not None and bn.running_var is not None, "BatchNorm without running statistics"
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)  # (C_out,)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    w = weight.detach().double() * scale.view(-1, *([1] * (weight.ndim - 1)))
+    return w.to(weight.dtype), shift.to(weight.dtype)
+
+
+class FoldedConv2d(nn.Module):
+    """A convolution with its BatchNorm folded in and TF "same" padding, static wherever it is symmetric.
+
+    The weights are buffers (they follow ``.to()``); this module is an inference-time copy, never trained.
+    A 1x1 stride-1 convolution on a channels-last input runs as one matrix product with the bias fused
+    (``F.linear`` over the channel axis), which the CPU convolution kernels do not do for 1x1.
+
+    Args:
+        conv: the original convolution (``Conv2dSame`` or ``nn.Conv2d`` with zero padding given as integers).
+        bn: its BatchNorm (None: the convolution alone).
+        activation: ``"relu6"`` or ``"relu"`` applied in place after the convolution, or None.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: str | None = None):
+        super().__init__()
+        if activation not in (None, "relu", "relu6"):
+            raise ValueError(f"FoldedConv2d: activation must be None, 'relu' or 'relu6', got {activation!r}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"FoldedConv2d: only zero padding given as integers is supported, got "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        if bn is None:
+            weight = conv.weight.detach().clone()
+            bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        else:
+            weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.tf_same = isinstance(conv, Conv2dSame)
+        self.fixed_padding = tuple(conv.padding) if not self.tf_same else (0, 0)
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.dilation, self.groups, self.activation = tuple(conv.dilation), conv.groups, activation
+        self.pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1
+                          and self.fixed_padding == (0, 0))
+
+    def pads(self, height: int, width: int) -> tuple[tuple[int, int], list[int] | None]:
+        """(padding the convolution applies, explicit ``[left, right, top, bottom]`` pad or None)."""
+        if not self.tf_same:
+            return self.fixed_padding, None
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = same_padding(height, kh, sh, dh), same_padding(width, kw, sw, dw)
+        if ph[0] == ph[1] and pw[0] == pw[1]:  # symmetric: the convolution pads, no copy of x
+            return (ph[0], pw[0]), None
+        return (0, 0), [pw[0], pw[1], ph[0], ph[1]]  # stride 2 on an even size: the odd pixel bottom/right
+
+    def forward(self, x: torch.Tensor, *, padded: bool = False,
+                pad_output: list[int] | None = None) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, h, w): TF "same" (ceil(H / s)) or the convolution's own padding.
+
+        Args:
+            x: input (B, C_in, H, W).
+            padded: ``x`` already carries this layer's explicit padding (see ``pad_output``).
+            pad_output: write the activated output into a zero border of ``[left, right, top, bottom]``
+                pixels, ready for a next layer that needs that explicit padding (saves its ``F.pad`` copy).
+        """
+        padding, extra = ((0, 0), None) if padded else self.pads(x.shape[-2], x.shape[-1])
+        if extra is not None:
+            x = F.pad(x, extra)
+        if self.pointwise and x.permute(0, 2, 3, 1).is_contiguous():  # channels-last 1x1: one GEMM + bias
+            y = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if pad_output is None:
+            return self._activate(y, y)
+        left, right, top, bottom = pad_output
+        b, c, h, w = y.shape
+        fmt = torch.channels_last if y.permute(0, 2, 3, 1).is_contiguous() else torch.contiguous_format
+        out = torch.empty((b, c, h + top + bottom, w + left + right), dtype=y.dtype, device=y.device,
+                          memory_format=fmt)
+        out[:, :, :top].zero_()
+        out[:, :, top + h:].zero_()
+        out[:, :, :, :left].zero_()
+        out[:, :, :, left + w:].zero_()
+        self._activate(y, out[:, :, top:top + h, left:left + w])
+        return out
+
+    def _activate(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The activation of ``y`` written into ``out`` (``y`` itself: in place); returns ``out``."""
+        if self.activation == "relu6":
+            return torch.clamp(y, 0.0, 6.0, out=out)
+        if self.activation == "relu":
+            return torch.clamp(y, min=0.0, out=out)
+        return out if out is y else out.copy_(y)
+
+
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
@@ -118,6 +275,37 @@ class MBConvBlock(nn.Module):
         y = F.relu6(self._bn1(self._depthwise_conv(y)))  # (B, C_in * e, h/s, w/s)
         y = self._bn2(self._project_conv(y))  # (B, C_out, h/s, w/s), linear bottleneck
         return x + y if self.use_residual else y
+
+    def folded(self) -> FoldedMBConvBlock:
+        """An inference copy with BatchNorm folded into the convolutions (see ``FoldedMBConvBlock``)."""
+        return FoldedMBConvBlock(self)
+
+
+class FoldedMBConvBlock(nn.Module):
+    """``MBConvBlock`` for frozen inference: folded BatchNorm, static padding, in-place ReLU6 and residual.
+
+    Args:
+        block: the trained block; its current weights and running statistics are copied.
+    """
+
+    def __init__(self, block: MBConvBlock):
+        super().__init__()
+        self.use_residual = block.use_residual
+        self.expand = (FoldedConv2d(block._expand_conv, block._bn0, "relu6") if block.expand_ratio != 1
+                       else nn.Identity())
+        self.depthwise = FoldedConv2d(block._depthwise_conv, block._bn1, "relu6")
+        self.project = FoldedConv2d(block._project_conv, block._bn2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, h, w) -> (B, C_out, ceil(h / s), ceil(w / s)); ``x`` is not modified."""
+        _, extra = self.depthwise.pads(x.shape[-2], x.shape[-1])
+        if extra is not None and isinstance(self.expand, FoldedConv2d):
+            # the expansion writes its ReLU6 output straight into the depthwise layer's padded input
+            y = self.depthwise(self.expand(x, pad_output=extra), padded=True)  # (B, C_in * e, h/s, w/s)
+        else:
+            y = self.depthwise(self.expand(x))  # new tensors: the in-place ops never touch x
+        y = self.project(y)  # (B, C_out, h/s, w/s)
+        return y.add_(x) if self.use_residual else y
 
 
 def stage_block_ranges(blocks: tuple[BlockArgs, ...] = LITE0_BLOCKS) -> OrderedDict[str, tuple[int, int]]:
@@ -176,6 +364,28 @@ class EfficientNetLite0(nn.Module):
         pieces["stem"] = nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6())  # (B, 32, H/2, W/2)
         for name, (start, stop) in stage_block_ranges().items():
             pieces[name] = nn.Sequential(*self._blocks[start:stop])
+        return pieces
+
+    def folded_stage_modules(self) -> OrderedDict[str, nn.Module]:
+        """Inference copies of ``stage_modules()`` with BatchNorm folded in (frozen, eval-mode use only).
+
+        They hold copies of the current weights (buffers, not parameters): rebuild them after the weights
+        change. Outputs equal ``stage_modules()``'s up to float32 rounding.
+
+        Example:
+            >>> net = EfficientNetLite0().eval()
+            >>> x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            >>> with torch.no_grad():
+            ...     a, b = x, x
+            ...     for slow, fast in zip(net.stage_modules().values(), net.folded_stage_modules().values()):
+            ...         a, b = slow(a), fast(b)
+            >>> tuple(b.shape), bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4))
+            ((1, 320, 2, 2), True)
+        """
+        pieces: OrderedDict[str, nn.Module] = OrderedDict()
+        pieces["stem"] = FoldedConv2d(self._conv_stem, self._bn0, "relu6")  # (B, 32, H/2, W/2)
+        for name, (start, stop) in stage_block_ranges().items():
+            pieces[name] = nn.Sequential(*(block.folded() for block in self._blocks[start:stop]))
         return pieces
 
     def head_module(self) -> nn.Module:

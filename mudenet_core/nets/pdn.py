@@ -6,6 +6,14 @@ blocks at paper defaults), giving receptive fields 16 / 32 / 64 pixels. Each lev
 own 1x1 head (``width`` -> ``out_channels``, no activation), so the network returns S maps X^l of shape
 (B, C, H/2, W/2). At paper defaults (width 64, C 128) one network has 666,496 parameters.
 
+Inference path: in eval mode without gradients (``torch.no_grad`` / ``torch.inference_mode``, not tracing),
+``forward`` runs a cached copy with every BatchNorm folded into its convolution and in-place ReLU / residual
+additions, in channels-last layout from ``width >= CHANNELS_LAST_MIN_WIDTH`` (measured on 1 CPU thread, batch
+8: channels-last is 1.46x faster at width 64 / 256 px and 18 % slower at width 16 / 128 px). The copy is
+rebuilt whenever a weight changes and is not part of the state dict; the maps equal the unfolded ones up to
+float32 rounding and are returned contiguous. Training (train mode, or gradients on) runs the modules as they
+are.
+
 Example:
     >>> net = DescriptorNet()
     >>> sum(p.numel() for p in net.parameters())
@@ -17,7 +25,12 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from mudenet_core.nets.efficientnet_lite import FoldedConv2d, inference_path_enabled, weights_key
+
+CHANNELS_LAST_MIN_WIDTH = 32  # folded inference runs channels-last from this width on (see module docstring)
 
 
 class ResidualBlock(nn.Module):
@@ -37,6 +50,42 @@ class ResidualBlock(nn.Module):
         y = torch.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         return torch.relu(y + x)
+
+
+class FoldedResidualBlock(nn.Module):
+    """``ResidualBlock`` for frozen inference: both BatchNorms folded, in-place ReLU and residual addition."""
+
+    def __init__(self, block: ResidualBlock):
+        super().__init__()
+        self.conv1 = FoldedConv2d(block.conv1, block.bn1, "relu")
+        self.conv2 = FoldedConv2d(block.conv2, block.bn2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c, h, w) -> (B, c, h, w); ``x`` is not modified."""
+        return self.conv2(self.conv1(x)).add_(x).relu_()
+
+
+class FoldedDescriptorNet(nn.Module):
+    """Inference copy of a ``DescriptorNet`` (BatchNorm folded); same maps up to float32 rounding."""
+
+    def __init__(self, net: DescriptorNet):
+        super().__init__()
+        self.stem = FoldedConv2d(net.stem[0], None, "relu")
+        self.levels = nn.ModuleList(nn.Sequential(*(FoldedResidualBlock(b) for b in level))
+                                    for level in net.levels)
+        self.heads = nn.ModuleList(FoldedConv2d(head, None) for head in net.heads)
+        self.channels_last = net.stem[0].out_channels >= CHANNELS_LAST_MIN_WIDTH
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Image (B, 3, H, W) -> S descriptor maps, each (B, C, H/2, W/2), contiguous."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = F.avg_pool2d(self.stem(x), 2)  # (B, width, H/2, W/2)
+        outs = []
+        for level, head in zip(self.levels, self.heads, strict=True):
+            h = level(h)
+            outs.append(head(h).contiguous())  # (B, C, H/2, W/2)
+        return tuple(outs)
 
 
 class DescriptorNet(nn.Module):
@@ -71,9 +120,25 @@ class DescriptorNet(nn.Module):
         )
         self.heads = nn.ModuleList(nn.Conv2d(width, out_channels, 1, bias=True) for _ in level_blocks)
 
+    def folded(self) -> FoldedDescriptorNet:
+        """The inference copy that ``forward`` uses in eval mode without gradients.
+
+        Cached and rebuilt when any weight or running statistic changes; not registered, so the state dict is
+        unchanged.
+        """
+        key = weights_key(self)
+        cached = self.__dict__.get("_folded_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, FoldedDescriptorNet(self))
+            self.__dict__["_folded_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Image (B, 3, H, W) -> S descriptor maps, each (B, C, H/2, W/2)."""
         assert x.ndim == 4 and x.shape[1] == 3, f"expected (B,3,H,W), got {tuple(x.shape)}"
+        if not self.training and inference_path_enabled():
+            return self.folded()(x)
         h = self.stem(x)  # (B, width, H/2, W/2)
         outs = []
         for level, head in zip(self.levels, self.heads, strict=True):
