@@ -119,9 +119,11 @@ def test_upload_overlay_and_threshold_slider(driver, server, synthetic_root):
     driver.get(server + "/")
     wait = WebDriverWait(driver, 60)
     wait.until(lambda d: MODEL_ID in d.find_element(By.ID, "status").text)
-    options = [o.get_attribute("value")
-               for o in driver.find_elements(By.CSS_SELECTOR, "#model-select option")]
-    assert MODEL_ID in options
+
+    def options(d):  # the registry listing arrives in its own request, after the status
+        return [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model-select option")]
+
+    wait.until(lambda d: MODEL_ID in options(d))
     driver.find_element(By.ID, "file-input").send_keys(str(_image(synthetic_root)))
     wait.until(lambda d: d.find_element(By.ID, "view").get_attribute("data-drawn") == "1")
     assert driver.find_element(By.ID, "result").is_displayed()
