@@ -1,10 +1,10 @@
 """Ours vs anomalib: PatchCore and PaDiM fitted and run on the same images, backbone, layers and threads.
 
 Optional benchmark. anomalib is never a dependency of this project: it lives in a separate virtual
-environment (default ``/work/anomalib-venv``, ``--anomalib-python``)::
+environment (default ``../anomalib-venv``, beside the checkout; ``--anomalib-python``)::
 
-    python3 -m venv /work/anomalib-venv
-    /work/anomalib-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 anomalib   # anomalib 2.7.0 here
+    python3 -m venv ../anomalib-venv
+    ../anomalib-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 anomalib   # anomalib 2.7.0 here
 
 What is the same for both: the images (our data pipeline resizes them once; both workers read the same
 tensors, from MPDD ``metal_plate`` and a generated ``plate`` category), the train/test split (our
@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from mudenet_core.nets.efficientnet_lite import LITE0_BLOCKS, stage_block_ranges  # noqa: E402
 
-ANOMALIB_PYTHON = "/work/anomalib-venv/bin/python"
+ANOMALIB_PYTHON = str(REPO.parent / "anomalib-venv" / "bin" / "python")  # ../anomalib-venv
 MPDD = REPO.parent / "shared" / "data" / "mpdd"
 COLUMNS = [
     "library",
