@@ -275,8 +275,9 @@ def _experiment_id(c, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def _run_of_model(c, experiment_id: str, sha: str) -> str | None:
-    runs = c.search_runs([experiment_id], filter_string=f"tags.model_sha256 = '{sha}'", max_results=1)
+def _run_of_model(c, experiment_ids: list[str], sha: str) -> str | None:
+    """The run (in these experiments) whose tag ``model_sha256`` is ``sha``, or None."""
+    runs = c.search_runs(experiment_ids, filter_string=f"tags.model_sha256 = '{sha}'", max_results=1)
     return runs[0].info.run_id if runs else None
 
 
@@ -325,7 +326,7 @@ def _log_fit(rec: FitRecord, uri: str) -> str:
     sha = file_sha256(model_path)
     c = client(uri)
     exp_id = _experiment_id(c, rec.experiment, uri)
-    found = _run_of_model(c, exp_id, sha)
+    found = _run_of_model(c, [exp_id], sha)
     if found is not None:
         return found
     tags = {
@@ -413,11 +414,8 @@ def log_evaluation(
 
 
 def _run_holding(c, model_path: str | Path) -> str | None:
-    """The run (in any experiment) whose tag ``model_sha256`` is that of ``model_path``, or None."""
-    sha = file_sha256(model_path)
-    runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
-                         filter_string=f"tags.model_sha256 = '{sha}'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    """The run (in any experiment) that logged the model file ``model_path``, or None."""
+    return _run_of_model(c, [e.experiment_id for e in c.search_experiments()], file_sha256(model_path))
 
 
 def log_export(model_path: str | Path, onnx_file: str | Path, sidecar: str | Path, *, uri: str) -> str | None:
