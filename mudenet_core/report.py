@@ -451,10 +451,18 @@ def build_tables(profile_dir: str | Path) -> dict[str, Path]:
 
 
 def load_metric_tables(profile_dir: str | Path) -> pd.DataFrame:
-    """All ``tables/<dataset>.csv`` of a profile concatenated (excludes ablations and timings)."""
+    """All ``tables/<dataset>.csv`` of a profile concatenated, one per dataset name (``DatasetName``).
+
+    Other tables there (ablations, timings, a script's own table such as ``rgpkd_prompts_at_test.csv``) are
+    not metric tables and are left out.
+    """
+    from typing import get_args
+
+    from mudenet_core.data.datasets import DatasetName
+
     tables = Path(profile_dir) / "tables"
-    paths = [p for p in sorted(tables.glob("*.csv")) if p.stem not in ("ablations", "timings")]
-    return read_tidy(paths)
+    paths = [tables / f"{ds}.csv" for ds in sorted(get_args(DatasetName))]
+    return read_tidy([p for p in paths if p.is_file()])
 
 
 def load_timings(profile_dir: str | Path) -> pd.DataFrame:

@@ -67,3 +67,32 @@ def dtd_root() -> Path:
     if not DTD_IMAGES.is_dir():
         pytest.skip(f"real data not present: {DTD_IMAGES} (only on the project's machines)")
     return DTD_IMAGES
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(optim_cls, at_step)``: a context in which call ``at_step`` of ``optim_cls.step``
+    raises ``KeyboardInterrupt`` (a simulated kill mid-run); the real ``step`` is back when the context ends.
+
+    Used by the resume tests: run with an interruption, then resume, then compare with an uninterrupted run.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def interrupt(optim_cls: type, at_step: int):
+        real_step, calls = optim_cls.step, {"n": 0}
+
+        def step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                raise KeyboardInterrupt("simulated interruption")
+            return real_step(self, *a, **k)
+
+        monkeypatch.setattr(optim_cls, "step", step)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(optim_cls, "step", real_step)
+
+    return interrupt

@@ -252,25 +252,14 @@ def test_save_load_round_trip_and_batch_independence(fitted, splits, tmp_path):
         G.GLASS.load(tmp_path / "other.pt")
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(splits, tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted_run(splits, tmp_path, interrupt_training):
     cfg = TINY.replace(epochs=3, checkpoint_every=2, selection="last", val_every=0)
     full = G.GLASS(cfg)
     log_full = full.fit(splits.train, None, generator=torch.Generator().manual_seed(5), show_progress=False)
     steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2 * steps_per_epoch + 1:  # first step of epoch 3, after the epoch-2 checkpoint
-            raise KeyboardInterrupt("simulated interruption")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_training(torch.optim.AdamW, 2 * steps_per_epoch + 1):  # epoch 3, after 2 checkpoints
         G.GLASS(cfg).fit(splits.train, None, generator=torch.Generator().manual_seed(5), show_progress=False,
                          checkpoint_dir=tmp_path)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = G.GLASS(cfg)
     log_res = resumed.fit(splits.train, None, generator=torch.Generator().manual_seed(5), show_progress=False,
                           checkpoint_dir=tmp_path, resume=True)

@@ -330,26 +330,15 @@ def test_prediction_grid(fitted, splits, tmp_path):
         assert im.size[0] > 200
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(splits, tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted_run(splits, tmp_path, interrupt_training):
     cfg = dataclasses.replace(TINY, epochs=3, checkpoint_every=1)
     full = PAGMFR(cfg)
     log_full = full.fit(splits.train, splits.val, generator=torch.Generator().manual_seed(3),
                         show_progress=False)
     steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
-    calls = {"n": 0}
-    real_step = torch.optim.Adam.step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2 * steps_per_epoch + 1:  # in the middle of epoch 3, after two checkpoints
-            raise KeyboardInterrupt("simulated interruption")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_training(torch.optim.Adam, 2 * steps_per_epoch + 1):  # epoch 3, after two checkpoints
         PAGMFR(cfg).fit(splits.train, splits.val, generator=torch.Generator().manual_seed(3),
                         show_progress=False, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
     assert (tmp_path / TRAIN_CHECKPOINT).is_file()
     resumed = PAGMFR(cfg)
     log_res = resumed.fit(splits.train, splits.val, generator=torch.Generator().manual_seed(3),

@@ -420,3 +420,18 @@ def test_pro_curve_figure_legend_is_the_au_pro_of_the_metric():
     label = fig.axes[0].get_legend().get_texts()[0].get_text()
     assert label == f"m ({metrics.au_pro(masks, maps, max_fpr=0.3):.3f})"
     assert fig.axes[0].lines[0].get_xdata()[-1] == pytest.approx(0.3)  # the curve reaches the FPR limit
+
+
+def test_index_ignores_a_script_table_beside_the_dataset_tables(tmp_path):
+    """A table of another shape in tables/ (scripts/rgpkd_prompts_at_test.py writes one) is not a metric
+    table: the index is still written, from the dataset tables alone (a reference run stopped here).
+    """
+    _write_run(tmp_path, "mpdd", "metal_plate", 0, "padim", {"image_auroc": 0.6})
+    report.build_tables(tmp_path)
+    stray = {"method": ["rgpkd"], "variant": ["prompts_at_test=True"], "dataset": ["mpdd"],
+             "category": ["metal_plate"], "seed": [0], "split": ["val"], "metric": ["image_auroc"],
+             "value": [0.98], "git_sha": ["abc1234"]}
+    save_csv(tmp_path / "tables" / "rgpkd_prompts_at_test.csv", pd.DataFrame(stray))
+    metrics = report.load_metric_tables(tmp_path)
+    assert metrics["method"].tolist() == ["padim"] and metrics["value"].tolist() == [0.6]
+    assert "tbl-mpdd-headline" in report_html.write_index(tmp_path, title="T").read_text()

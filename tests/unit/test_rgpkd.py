@@ -281,23 +281,12 @@ def test_save_and_load_reproduce_the_predictions(fitted, splits, tmp_path):
         RGPKD.load(bad)
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(fitted, splits, tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted_run(fitted, splits, tmp_path, interrupt_training):
     det_full, log_full = fitted
     steps_per_epoch = -(-len(splits.train) // TINY.batch_size)
-    calls = {"n": 0}
-    real_step = torch.optim.SGD.step
-
-    def crashing_step(self, *a, **k):  # crash in the middle of epoch 3, after two checkpointed epochs
-        calls["n"] += 1
-        if calls["n"] == 2 * steps_per_epoch + 1:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_training(torch.optim.SGD, 2 * steps_per_epoch + 1):  # epoch 3, after two checkpoints
         RGPKD(TINY).fit(splits.train, splits.val, generator=torch.Generator().manual_seed(0),
                         show_progress=False, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
     assert (tmp_path / TRAIN_CHECKPOINT).is_file()
     resumed = RGPKD(TINY)
     log = resumed.fit(splits.train, splits.val, generator=torch.Generator().manual_seed(0),
