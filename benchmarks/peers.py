@@ -11,9 +11,12 @@ tensors, from MPDD ``metal_plate`` and a generated ``plate`` category), the trai
 ``train`` split, validation images held out), the backbone (our EfficientNet-Lite0 ImageNet weights mapped
 onto timm's ``tf_efficientnet_lite0`` by :func:`lite0_to_timm_state_dict`, fed the same Lite-normalised
 pixels), the layers (PatchCore: stage3 + stage5 = timm ``blocks.2`` + ``blocks.4``; PaDiM: stage2 + stage3 +
-stage5 = ``blocks.1/2/4``), the coreset ratio (0.1), b = 9 reweighting neighbours, d = 100 PaDiM channels, the
-resolution (128 / 256 px), the thread count, and the metric code (ours, :mod:`mudenet_core.metrics`, on the
-maps and scores each worker returns). What differs is each library's own method code: anomalib's torch
+stage5 = ``blocks.1/2/4``), the coreset ratio (0.1), b = 9 reweighting neighbours, d = 100 PaDiM channels
+and the very subset of them (the one our ``PaDiM.fit`` draws from seed 0, handed to anomalib's
+``PadimModel`` as its ``idx``: two independent draws differ by up to 20 points of image AUROC on
+metal_plate, which once passed for a difference of the libraries), the resolution (128 / 256 px), the
+thread count, and the metric code (ours, :mod:`mudenet_core.metrics`, on the maps and scores each worker
+returns). What differs is each library's own method code: anomalib's torch
 models (``PatchcoreModel``, ``PadimModel``, called directly, without Lightning's ``Engine``) use the full
 concatenated 152 channels where our PatchCore pools to 128, and their own coreset sampler and search.
 
@@ -81,6 +84,7 @@ COLUMNS = [
 TIMM_LAYERS = {f"stage{i + 1}": f"blocks.{i}" for i in range(len(LITE0_BLOCKS))}
 METHOD_LAYERS = {"patchcore": ("stage3", "stage5"), "padim": ("stage2", "stage3", "stage5")}
 CORESET_RATIO, NUM_NEIGHBORS, PADIM_FEATURES = 0.1, 9, 100
+PADIM_SEED = 0  # seed of the generator our PaDiM.fit draws its channel subset from (shared with anomalib)
 
 
 # --- weight mapping -----------------------------------------------------------------------------------------
@@ -195,6 +199,18 @@ def lite0_timm_weights(out_dir: Path) -> Path:
     return path
 
 
+def padim_channel_subset(out_dir: Path) -> Path:
+    """The PaDiM channel subset our worker draws (seed ``PADIM_SEED``), saved for the anomalib worker."""
+    from mudenet_core.baselines.padim import random_channel_subset
+    from mudenet_core.nets.backbones import BACKBONES
+
+    n_channels = sum(BACKBONES["efficientnet_lite0"].channels[k] for k in METHOD_LAYERS["padim"])
+    idx = random_channel_subset(n_channels, PADIM_FEATURES, torch.Generator().manual_seed(PADIM_SEED))
+    path = out_dir / "padim_channel_idx.pt"
+    torch.save(idx, path)
+    return path
+
+
 # --- our worker ---------------------------------------------------------------------------------------------
 
 
@@ -224,8 +240,13 @@ def ours_worker(method: str, data_path: Path, size: int, out: Path, batch: int) 
     det_cls, _ = get_method(method)
     det = det_cls(cfg)
     t0 = time.perf_counter()
-    det.fit(_Images(data["train"]), None, generator=torch.Generator().manual_seed(0), show_progress=False)
+    generator = torch.Generator().manual_seed(PADIM_SEED)
+    det.fit(_Images(data["train"]), None, generator=generator, show_progress=False)
     fit_s = time.perf_counter() - t0
+    if method == "padim":  # the subset handed to anomalib must be the one we fitted with
+        shared = torch.load(data_path.with_name("padim_channel_idx.pt"), weights_only=True)
+        if not torch.equal(det.model.channel_idx.cpu(), shared):
+            raise RuntimeError("our PaDiM drew another channel subset than the one given to anomalib")
     maps, scores = [], []
     t0 = time.perf_counter()
     for s in range(0, len(data["test"]), batch):
@@ -262,7 +283,8 @@ def run_sampled(
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), peak / 2**20
 
 
-def run_one(library: str, method: str, data_path: Path, size: int, args, weights: Path) -> dict:
+def run_one(library: str, method: str, data_path: Path, size: int, args, weights: Path,
+            channel_idx: Path) -> dict:
     """One fresh-process run: fit, predict the test set, metrics with our code, peak RSS."""
     import numpy as np
 
@@ -310,6 +332,8 @@ def run_one(library: str, method: str, data_path: Path, size: int, args, weights
                 str(PADIM_FEATURES),
                 "--layers",
                 *[TIMM_LAYERS[k] for k in METHOD_LAYERS[method]],
+                "--channel-idx",
+                str(channel_idx),
             ]
         res, peak = run_sampled(cmd, env)
         if res.returncode != 0:
@@ -386,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
         tmp = Path(tmp)
         weights = lite0_timm_weights(tmp)
+        channel_idx = padim_channel_subset(tmp)  # beside the data files: ours_worker checks it
         for dataset in args.datasets:
             for size in args.sizes:
                 data_path = prepare_data(dataset, size, tmp)
@@ -394,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                     for method in args.methods:
                         for lib in libs:
                             load = os.getloadavg()[0]
-                            r = run_one(lib, method, data_path, size, args, weights)
+                            r = run_one(lib, method, data_path, size, args, weights, channel_idx)
                             rows.append(
                                 {
                                     "library": lib,

@@ -5,7 +5,8 @@ without downloading anything (``pre_trained=False``), loads our Lite0 ImageNet w
 fits it on the training tensors exactly as anomalib's Lightning modules do (training-mode forward passes
 that collect embeddings, then ``subsample_embedding`` / ``fit``), and writes the test maps and scores.
 The images arrive ImageNet-normalised from our pipeline and are converted to the Lite normalisation
-``(255 x - 127) / 128`` that the weights were trained with (what our backbone does internally).
+``(255 x - 127) / 128`` that the weights were trained with (what our backbone does internally). PaDiM's
+random channel subset (``PadimModel.idx``) is replaced by the one our PaDiM fitted with (``--channel-idx``).
 
 Prints one JSON line: fit_s, predict_s, version.
 """
@@ -47,6 +48,14 @@ def build(method: str, layers: list[str], args) -> torch.nn.Module:
         model = PadimModel(
             backbone="tf_efficientnet_lite0", layers=layers, pre_trained=False, n_features=args.n_features
         )
+        if args.channel_idx is not None:  # the subset our PaDiM drew, instead of anomalib's own draw
+            idx = torch.load(args.channel_idx, map_location="cpu", weights_only=True).long()
+            if idx.shape != model.idx.shape or int(idx.max()) >= model.n_features_original:
+                raise SystemExit(
+                    f"--channel-idx: {tuple(idx.shape)} indices up to {int(idx.max())}, expected "
+                    f"{tuple(model.idx.shape)} below {model.n_features_original}"
+                )
+            model.idx = idx
     net = model.feature_extractor.feature_extractor  # timm features_only network
     state = torch.load(args.weights, map_location="cpu", weights_only=True)
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -69,6 +78,7 @@ def main() -> int:
     p.add_argument("--num-neighbors", type=int, default=9)
     p.add_argument("--n-features", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--channel-idx", type=Path, help="PaDiM: saved (d,) indices to use as PadimModel.idx")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # anomalib draws PaDiM's channels and the coreset start with the global RNG

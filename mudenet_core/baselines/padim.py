@@ -5,7 +5,9 @@ Pipeline (paper's names in brackets):
 1. A frozen ImageNet backbone gives three maps at strides 4 / 8 / 16 (ResNet-18 ``layer1-3``); the coarser
    maps are upsampled (nearest) to the stride-4 grid and concatenated: embedding (B, C, h, w).
 2. A random subset of ``d`` channels is kept (100 of 448 for ResNet-18), drawn once from the ``generator``
-   given to :meth:`PaDiM.fit` and saved with the model.
+   given to :meth:`PaDiM.fit` (:func:`random_channel_subset`) and saved with the model. The draw matters
+   with few training images: on MPDD metal_plate (Lite0, 100 of 176 channels, 49 images, 128 px) the test
+   image AUROC of 30 subsets spans 0.66-0.88 (mean 0.78, std 0.05), anomalib's ``PadimModel`` alike.
 3. At every position ``ij`` a Gaussian N(mu_ij, Sigma_ij) is fitted to the training embeddings, with
    ``Sigma_ij = cov_ij + eps * I`` (eps = 0.01) or, optionally, a Ledoit-Wolf shrunk covariance.
    The sums and outer-product sums are accumulated in float64 batch by batch
@@ -138,6 +140,24 @@ class GaussianAccumulator:
         return mean, cov + eps * eye
 
 
+def random_channel_subset(n_channels: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """PaDiM's random dimensionality reduction: ``d`` distinct channel indices of ``n_channels``, sorted.
+
+    The one draw :meth:`PaDiM.fit` makes from its generator (``benchmarks/peers.py`` hands the same subset to
+    anomalib's ``PadimModel``: the image AUROC depends on the subset by several points).
+
+    Returns:
+        indices (d,), int64, ascending.
+
+    Example:
+        >>> random_channel_subset(10, 4, torch.Generator().manual_seed(0)).shape
+        torch.Size([4])
+    """
+    if not 0 < d <= n_channels:
+        raise ValueError(f"need 0 < d <= n_channels, got d={d}, n_channels={n_channels}")
+    return torch.randperm(n_channels, generator=generator)[:d].sort().values
+
+
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> torch.Tensor:
     """Per-position Mahalanobis distance ``sqrt((x - mu)^T Sigma^-1 (x - mu))``.
 
@@ -265,8 +285,7 @@ class PaDiM:
         model = self.model.to(self.device)
         cfg = self.config
         d = model.channel_idx.numel()
-        idx = torch.randperm(model.total_channels, generator=generator)[:d].sort().values
-        model.channel_idx = idx.to(self.device)
+        model.channel_idx = random_channel_subset(model.total_channels, d, generator).to(self.device)
         acc = None
         with torch.no_grad():
             for images in iterate_images(train_ds, batch_size=cfg.batch_size, device=self.device,
@@ -332,4 +351,5 @@ class PaDiM:
         return det
 
 
-__all__ = ["PaDiM", "PaDiMConfig", "PaDiMModel", "GaussianAccumulator", "mahalanobis"]
+__all__ = ["PaDiM", "PaDiMConfig", "PaDiMModel", "GaussianAccumulator", "mahalanobis",
+           "random_channel_subset"]

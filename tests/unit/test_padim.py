@@ -11,7 +11,13 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.covariance import ledoit_wolf
 
 from mudenet_core.baselines.common import gaussian_blur, upsample_and_blur
-from mudenet_core.baselines.padim import GaussianAccumulator, PaDiM, PaDiMConfig, mahalanobis
+from mudenet_core.baselines.padim import (
+    GaussianAccumulator,
+    PaDiM,
+    PaDiMConfig,
+    mahalanobis,
+    random_channel_subset,
+)
 from mudenet_core.config import ConfigError
 from mudenet_core.methods import get_method, load_config
 
@@ -152,6 +158,70 @@ def test_predict_shapes_and_score_is_map_max(fitted_padim):
     assert float(s_out.min()) > float(scores.max())  # far-off inputs score higher than training images
     with pytest.raises(AssertionError, match="feature grid"):
         det.predict(torch.zeros(1, 3, 96, 96))
+
+
+def _bilinear_upsample(m, size):
+    """Bilinear resize of a 2-D map by hand: half-pixel centres, edges clamped (align_corners=False)."""
+    def weights(n_in, n_out):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, None)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+    r0, r1, wr = weights(m.shape[0], size)
+    c0, c1, wc = weights(m.shape[1], size)
+    rows = m[r0] * (1 - wr)[:, None] + m[r1] * wr[:, None]
+    return rows[:, c0] * (1 - wc)[None] + rows[:, c1] * wc[None]
+
+
+def test_predict_is_the_papers_pipeline_written_with_numpy_and_scipy(fitted_padim):
+    """The PaDiM paper's steps on the backbone's maps, independently: stride-8/16 maps repeated (nearest) onto
+    the stride-4 grid, the fitted channel subset, ``np.cov`` + 0.01 I per position, scipy's Mahalanobis,
+    bilinear upsampling, ``gaussian_filter`` (sigma 4, mirror borders), image score = map maximum. anomalib's
+    ``PadimModel`` does the same (benchmarks/peers.py: equal AUROC given the same channel subset)."""
+    det, _, train = fitted_padim
+    m = det.model
+    x = torch.cat([train[:2], torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))])
+    with torch.no_grad():
+        f_train = {k: v.double().numpy() for k, v in m.backbone(train).items()}
+        f_test = {k: v.double().numpy() for k, v in m.backbone(x).items()}
+
+    def embed(f):  # (B, C_k, h_k, w_k) per layer -> (B, 16, 16, d)
+        maps = []
+        for k in ("stage2", "stage3", "stage5"):
+            r = 16 // f[k].shape[-1]
+            maps.append(np.repeat(np.repeat(f[k], r, axis=2), r, axis=3))
+        return np.concatenate(maps, axis=1)[:, m.channel_idx.numpy()].transpose(0, 2, 3, 1)
+
+    e_train, e_test = embed(f_train), embed(f_test)
+    d = e_train.shape[-1]
+    dist = np.zeros(e_test.shape[:3])
+    for i in range(16):
+        for j in range(16):
+            mu = e_train[:, i, j].mean(0)
+            inv = np.linalg.inv(np.cov(e_train[:, i, j], rowvar=False) + 0.01 * np.eye(d))
+            for b in range(len(x)):
+                dist[b, i, j] = scipy_mahalanobis(e_test[b, i, j], mu, inv)
+    expected = np.stack([gaussian_filter(_bilinear_upsample(dist[b], 64), 4.0, mode="mirror", truncate=4.0)
+                         for b in range(len(x))])
+    maps, scores = det.predict(x)
+    np.testing.assert_allclose(maps[:, 0].double().numpy(), expected, rtol=2e-3, atol=1e-3 * expected.max())
+    np.testing.assert_allclose(scores.double().numpy(), expected.max(axis=(1, 2)), rtol=2e-3)
+
+
+def test_fit_keeps_the_subset_random_channel_subset_draws():
+    """peers.py hands ``random_channel_subset(176, d, seed)`` to anomalib: it must be what ``fit`` keeps."""
+    cfg = PaDiMConfig(backbone="efficientnet_lite0", pretrained=False, n_features=30, image_size=32)
+    det = PaDiM(cfg)
+    det.fit(ImageList(torch.randn(3, 3, 32, 32)), None, generator=torch.Generator().manual_seed(7),
+            show_progress=False)
+    expected = random_channel_subset(24 + 40 + 112, 30, torch.Generator().manual_seed(7))
+    assert torch.equal(det.model.channel_idx, expected)
+    assert expected.tolist() == sorted(set(expected.tolist())) and 0 <= int(expected.min())
+    assert int(expected.max()) < 176
+    other = random_channel_subset(176, 30, torch.Generator().manual_seed(8))
+    assert not torch.equal(other, expected)  # the seed, not a fixed list, decides
+    with pytest.raises(ValueError, match="n_channels"):
+        random_channel_subset(10, 11, torch.Generator())
 
 
 def test_save_load_round_trip(fitted_padim, tmp_path):
