@@ -475,8 +475,7 @@ class MuDeNet:
         """
         assert images.ndim == 4 and images.shape[1] == 3, f"expected (B,3,H,W), got {tuple(images.shape)}"
         self.nets.eval()
-        x, s1, a, s2 = self.nets(images.to(self.device))
-        return scoring.raw_maps(x, s1, a, s2)
+        return self.nets.raw_maps(images.to(self.device))  # fused heads and distances (MuDeNetNets.raw_maps)
 
     @torch.no_grad()
     def _raw_dataset(self, dataset) -> torch.Tensor:
@@ -509,9 +508,17 @@ class MuDeNet:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) -> anomaly maps (B, 1, H, W) at input size and image scores (B,)."""
-        raw = self.predict_components(images)  # (B, 2, S, h, w)
-        amap = scoring.anomaly_map(raw, self.nets.map_stats, self.config.scoring, tuple(images.shape[-2:]))
+        """Images (B, 3, H, W) -> anomaly maps (B, 1, H, W) at input size and image scores (B,).
+
+        Only the levels and branches that ``config.scoring`` fuses are computed.
+        """
+        assert images.ndim == 4 and images.shape[1] == 3, f"expected (B,3,H,W), got {tuple(images.shape)}"
+        sc = self.config.scoring
+        valid = all(1 <= lv <= self.nets.num_levels for lv in sc.levels)  # else scoring.fuse raises
+        self.nets.eval()
+        raw = self.nets.raw_maps(images.to(self.device), sc.levels if valid else None,
+                                 structural=sc.use_structural, logical=sc.use_logical)  # (B, 2, S, h, w)
+        amap = scoring.anomaly_map(raw, self.nets.map_stats, sc, tuple(images.shape[-2:]))
         return amap, scoring.image_scores(amap)
 
     # ------------------------------------------------------------------ persistence

@@ -7,6 +7,11 @@ statistics of the nominal validation split: min-max (default) or EfficientAD's q
 bilinearly to the input size and optionally blurred; the image score is its maximum. Levels and branches are
 switched off in :class:`ScoringConfig` without retraining.
 
+:func:`raw_maps` is the plain formula on the networks' maps; :func:`squared_head_distance` is the same sum for
+maps that end in 1x1 heads, computed from the features before the heads without materialising the maps
+(MuDeNet's inference path, ``MuDeNetNets.raw_maps``). :func:`anomaly_map` applies the bilinear upsampling and
+the blur as one matrix per axis.
+
 Example:
     >>> raw = torch.rand(4, 2, 3, 8, 8)
     >>> cfg = ScoringConfig(blur_sigma=0.0)
@@ -19,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -84,6 +90,57 @@ def raw_maps(
     st = torch.stack([(xi - si).pow(2).sum(1) for xi, si in zip(x, s1, strict=True)], dim=1)  # (B, S, h, w)
     lg = torch.stack([(ai - si).pow(2).sum(1) for ai, si in zip(a, s2, strict=True)], dim=1)  # (B, S, h, w)
     return torch.stack([st, lg], dim=1)  # (B, 2, S, h, w)
+
+
+def squared_head_distance(
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    bias: torch.Tensor,
+    base: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    chunk_rows: int = 4096,
+) -> torch.Tensor:
+    """Per pixel sum_c (base + sum_i f_i W_i + bias)_c^2: a raw map whose maps end in 1x1 heads, fused.
+
+    With ``features = [h_T, h_S1]``, ``weights = [W_T^T, -W_S1^T]`` and ``bias = b_T - b_S1`` this is
+    sum_c (X^l - S1^l)^2 of :func:`raw_maps` for 1x1 heads X^l = W_T h_T + b_T, S1^l = W_S1 h_S1 + b_S1;
+    with ``base = A^l``, ``features = [h_S2]``, ``weights = [-W_S2^T]``, ``bias = -b_S2`` it is
+    sum_c (A^l - S2^l)^2.
+    The heads' outputs and their difference are never materialised: each chunk of ``chunk_rows`` pixels is
+    one or two matrix products into a reused buffer, squared in place and summed over C.
+
+    Args:
+        features: K_i-channel features per pixel, each (N, K_i) (N = B*h*w rows, any strides).
+        weights: the matching (K_i, C) matrices.
+        bias: (C,).
+        base: (N, C) added before squaring, or None.
+        out: (N,) result buffer, or None.
+        chunk_rows: pixels per chunk.
+
+    Returns:
+        (N,) squared norms.
+
+    Example:
+        >>> f, w = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, -1.0]])  # N=2, K=1, C=2
+        >>> squared_head_distance([f], [w], torch.tensor([0.0, 1.0]))  # (1, 0) and (2, -1)
+        tensor([1., 5.])
+    """
+    assert len(features) == len(weights) >= 1, "need one weight matrix per feature matrix"
+    n, c = features[0].shape[0], bias.shape[0]
+    out = torch.empty(n, dtype=bias.dtype, device=bias.device) if out is None else out
+    assert out.shape == (n,), f"out must be ({n},), got {tuple(out.shape)}"
+    buf = torch.empty(min(chunk_rows, n), c, dtype=bias.dtype, device=bias.device)
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(r0 + chunk_rows, n)
+        d = buf[: r1 - r0]  # (R, C)
+        if base is None:
+            torch.addmm(bias, features[0][r0:r1], weights[0], out=d)
+        else:
+            torch.addmm(base[r0:r1], features[0][r0:r1], weights[0], out=d).add_(bias)
+        for f, w in zip(features[1:], weights[1:], strict=True):
+            d.addmm_(f[r0:r1], w)
+        torch.sum(d.square_(), dim=1, out=out[r0:r1])
+    return out
 
 
 def _quantile(v: torch.Tensor, q: float) -> torch.Tensor:
@@ -157,17 +214,46 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
 
 
+@functools.lru_cache(maxsize=32)
+def _upsample_blur_matrix(n_in: int, n_out: int, sigma: float, radius: int) -> torch.Tensor:
+    """One axis of upsampling + blur as an (n_out, n_in) float64 matrix (do not modify: cached).
+
+    Bilinear upsampling n_in -> n_out (``align_corners=False``, as ``F.interpolate``), then, if ``sigma > 0``,
+    the Gaussian of :func:`gaussian_blur` (``radius`` taps each side, reflect padding).
+    """
+    eye = torch.eye(n_in, dtype=torch.float64)[None, None]  # (1, 1, n_in, n_in)
+    up = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]  # (n_out, n_in)
+    if sigma <= 0:
+        return up
+    t = torch.arange(-radius, radius + 1)
+    k = torch.exp(-0.5 * (t.double() / sigma) ** 2)
+    k = k / k.sum()
+    idx = (torch.arange(n_out)[:, None] + t[None, :]).abs()  # reflect at the start (-1 -> 1) ...
+    idx = torch.where(idx > n_out - 1, 2 * (n_out - 1) - idx, idx)  # ... and at the end (n -> n - 2)
+    blur = torch.zeros(n_out, n_out, dtype=torch.float64).scatter_add_(1, idx, k.expand(n_out, -1).clone())
+    return blur @ up
+
+
 def anomaly_map(
     raw: torch.Tensor,
     stats: torch.Tensor,
     cfg: ScoringConfig,
     image_size: int | tuple[int, int],
 ) -> torch.Tensor:
-    """Raw maps (B, 2, S, h, w) -> fused, upsampled, blurred anomaly map (B, 1, H, W)."""
+    """Raw maps (B, 2, S, h, w) -> fused, upsampled, blurred anomaly map (B, 1, H, W).
+
+    Upsampling (bilinear) and blur (:func:`gaussian_blur`) are both separable linear maps, applied as one
+    (H, h) and one (W, w) matrix: M_y @ fused @ M_x^T (the same map up to float rounding, without the
+    upsampled intermediate and the slow single-channel convolutions).
+    """
     fused = fuse(normalize_maps(raw, stats, cfg), cfg)  # (B, 1, h, w)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    up = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
-    return gaussian_blur(up, cfg.blur_sigma)
+    (h, w), (big_h, big_w) = fused.shape[-2:], size
+    sigma = float(cfg.blur_sigma)
+    radius = min(max(1, int(math.ceil(4 * sigma))), big_w - 1, big_h - 1) if sigma > 0 else 0
+    m_y = _upsample_blur_matrix(h, big_h, sigma, radius).to(fused)  # (H, h)
+    m_x = _upsample_blur_matrix(w, big_w, sigma, radius).to(fused)  # (W, w)
+    return torch.matmul(torch.matmul(m_y, fused), m_x.t())  # (B, 1, H, W)
 
 
 def image_scores(amap: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -85,8 +86,19 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Image (B, 3, H, W) -> S maps (B, C, H/2, W/2)."""
         if inference_path_enabled():  # channels-last: the same maps, faster transposed convolutions
-            z = self.encode(x.contiguous(memory_format=torch.channels_last))  # (B, Z, 1, 1)
-            z = z.contiguous(memory_format=torch.channels_last)
-            return tuple(dec(z).contiguous() for dec in self.decoders)  # S x (B, C, H/2, W/2)
+            return tuple(a.contiguous() for a in self.channels_last_maps(x))  # S x (B, C, H/2, W/2)
         z = self.encode(x)  # (B, Z, 1, 1)
         return tuple(dec(z) for dec in self.decoders)  # S x (B, C, H/2, W/2)
+
+    def channels_last_maps(
+        self, x: torch.Tensor, levels: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Image (B, 3, H, W) -> maps (B, C, H/2, W/2) of the 1-based ``levels`` (default all), channels-last.
+
+        The inference layout (see the module docstring), for consumers that read the maps per pixel (MuDeNet's
+        fused scoring) and need no contiguous copy.
+        """
+        z = self.encode(x.contiguous(memory_format=torch.channels_last))  # (B, Z, 1, 1)
+        z = z.contiguous(memory_format=torch.channels_last)
+        levels = range(1, len(self.decoders) + 1) if levels is None else levels
+        return tuple(self.decoders[lv - 1](z) for lv in levels)  # len(levels) x (B, C, H/2, W/2)
