@@ -201,33 +201,42 @@ def fuse(norm: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
     return sel.sum(1).mean(1, keepdim=True)  # (B, 1, h, w)
 
 
+def blur_kernel(sigma: float, size: tuple[int, int], dtype: torch.dtype = torch.float64,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """The normalised 1-D Gaussian (2r+1,) of :func:`gaussian_blur` for a (H, W) map; ``sigma > 0``.
+
+    r = ceil(4 sigma), at least 1 and at most min(H, W) - 1 (reflect padding needs r < size).
+    """
+    radius = min(max(1, int(math.ceil(4 * sigma))), size[1] - 1, size[0] - 1)
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, H, W) with reflect padding (kernel radius 4 sigma)."""
     if sigma <= 0:
         return x
-    radius = max(1, int(math.ceil(4 * sigma)))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
+    k = blur_kernel(sigma, tuple(x.shape[-2:]), x.dtype, x.device)  # (2r+1,)
+    radius = (k.numel() - 1) // 2
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
 
 
 @functools.lru_cache(maxsize=32)
-def _upsample_blur_matrix(n_in: int, n_out: int, sigma: float, radius: int) -> torch.Tensor:
+def _upsample_blur_matrix(n_in: int, n_out: int, sigma: float, out_size: tuple[int, int]) -> torch.Tensor:
     """One axis of upsampling + blur as an (n_out, n_in) float64 matrix (do not modify: cached).
 
     Bilinear upsampling n_in -> n_out (``align_corners=False``, as ``F.interpolate``), then, if ``sigma > 0``,
-    the Gaussian of :func:`gaussian_blur` (``radius`` taps each side, reflect padding).
+    the Gaussian of :func:`gaussian_blur` on an ``out_size`` (H, W) map (:func:`blur_kernel`, reflect pad).
     """
     eye = torch.eye(n_in, dtype=torch.float64)[None, None]  # (1, 1, n_in, n_in)
     up = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]  # (n_out, n_in)
     if sigma <= 0:
         return up
+    k = blur_kernel(sigma, out_size)  # (2r+1,) float64
+    radius = (k.numel() - 1) // 2
     t = torch.arange(-radius, radius + 1)
-    k = torch.exp(-0.5 * (t.double() / sigma) ** 2)
-    k = k / k.sum()
     idx = (torch.arange(n_out)[:, None] + t[None, :]).abs()  # reflect at the start (-1 -> 1) ...
     idx = torch.where(idx > n_out - 1, 2 * (n_out - 1) - idx, idx)  # ... and at the end (n -> n - 2)
     blur = torch.zeros(n_out, n_out, dtype=torch.float64).scatter_add_(1, idx, k.expand(n_out, -1).clone())
@@ -250,9 +259,8 @@ def anomaly_map(
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     (h, w), (big_h, big_w) = fused.shape[-2:], size
     sigma = float(cfg.blur_sigma)
-    radius = min(max(1, int(math.ceil(4 * sigma))), big_w - 1, big_h - 1) if sigma > 0 else 0
-    m_y = _upsample_blur_matrix(h, big_h, sigma, radius).to(fused)  # (H, h)
-    m_x = _upsample_blur_matrix(w, big_w, sigma, radius).to(fused)  # (W, w)
+    m_y = _upsample_blur_matrix(h, big_h, sigma, size).to(fused)  # (H, h)
+    m_x = _upsample_blur_matrix(w, big_w, sigma, size).to(fused)  # (W, w)
     return torch.matmul(torch.matmul(m_y, fused), m_x.t())  # (B, 1, H, W)
 
 
