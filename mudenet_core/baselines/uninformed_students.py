@@ -12,7 +12,9 @@ Per patch size p in {17, 33, 65} (one *scale*):
    Patches come from the category's training images (default) or the DTD textures (``teacher_source="dtd"``).
 2. **Students.** An ensemble of M = 3 students with the teacher's architecture regresses the teacher's dense
    descriptors, normalised with the per-channel mean/std over the training images (buffers ``t_mean``,
-   ``t_std``), with the squared error.
+   ``t_std``), with the squared error. They must be trained until they explain most of that variance: students
+   left near the teacher's mean (error ~ d) give e ~ ||y||^2, which does not single out anomalies (``fit``
+   warns when the validation error exceeds ``COLLAPSE_FRACTION * d``).
 3. **Scoring.** Regression error e = ||mean_m S_m - y||^2 (:func:`regression_error`) and predictive
    variance v = 1/M sum_m ||S_m||^2 - ||mean_m S_m||^2 (:func:`predictive_variance`) at every pixel; each is
    standardised with its mean/std over all pixels of the validation images (buffers), their sum is the
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +79,10 @@ PATCH_ARCHS: dict[int, list[tuple]] = {
         ("conv", 1, "d"),
     ],
 }
+
+# fit warns when the students' validation regression error exceeds this fraction of d (the error of predicting
+# the normalised teacher's mean): such students are untrained and their maps do not detect anomalies
+COLLAPSE_FRACTION = 0.6
 
 # Config keys that fix the networks' shapes (checked when resuming).
 ARCH_KEYS = ["image_size", "patch_sizes", "descriptor_dim", "width", "n_students", "dense_mode"]
@@ -843,6 +850,16 @@ class UninformedStudents:
                 stats = score_stats(scale, val_ds, c.eval_batch_size, self.device)
                 for k, v in stats.items():
                     getattr(scale, k).fill_(v)
+                if stats["e_mean"] > COLLAPSE_FRACTION * c.descriptor_dim:
+                    warnings.warn(
+                        f"UninformedStudents p={p}: the students' validation regression error "
+                        f"{stats['e_mean']:.1f} is {stats['e_mean'] / c.descriptor_dim:.0%} of the "
+                        f"normalised teacher's variance d={c.descriptor_dim} (predicting its mean gives d): "
+                        "the students have not learnt the teacher and the map is mostly the teacher's norm; "
+                        "train longer (student_epochs) on whole images (student_crop=0)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 log[f"stats_{p}"] = stats
                 checkpoint(f"students_{p}")
         self.scales.eval()
