@@ -267,19 +267,28 @@ def ours_worker(method: str, data_path: Path, size: int, out: Path, batch: int) 
 def run_sampled(
     cmd: list[str], env: dict, interval_s: float = 0.02
 ) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``cmd``, sampling its resident set size; return (result, peak RSS MiB)."""
+    """Run ``cmd``, sampling its resident set size; return (result, peak RSS MiB).
+
+    The child's stdout and stderr go to files, not pipes: nothing reads a pipe while the parent samples, so a
+    child that writes more than the pipe buffer (64 KiB; anomalib's progress output at 256 px) would block
+    in ``write`` for ever, stalling its own fit clock first.
+    """
     import psutil
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    ps = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            break
-        time.sleep(interval_s)
-    stdout, stderr = proc.communicate()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        peak = 0
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, ps.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                break
+            time.sleep(interval_s)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), peak / 2**20
 
 

@@ -100,3 +100,35 @@ def test_mapped_weights_give_timm_the_same_features():  # pragma: no cover - nee
             h = piece(h)
     torch.testing.assert_close(feats[0], stage3, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(feats[1], h, rtol=1e-4, atol=1e-4)
+
+
+def test_run_sampled_survives_a_child_that_writes_more_than_a_pipe_holds(tmp_path):
+    """A worker printing 1 MiB to stderr and stdout (anomalib's progress at 256 px) must finish and hand back
+    both streams; with pipes that nobody drains while sampling, it blocks in write for ever."""
+    import os
+    import textwrap
+
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            sys.stderr.write("e" * 2**20)
+            sys.stdout.write("o" * 2**20 + "\\n" + '{"done": 1}' + "\\n")
+            """
+        )
+    )
+    import threading
+
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(out=peers.run_sampled([sys.executable, str(script)], dict(os.environ))),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "run_sampled hangs on a child that fills its output pipe"
+    res, _ = result["out"]
+    assert res.returncode == 0
+    assert res.stdout.splitlines()[-1] == '{"done": 1}'
+    assert len(res.stderr) == 2**20
