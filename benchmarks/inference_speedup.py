@@ -54,6 +54,7 @@ SPEED_FILES = (  # the files the speed work changed; "before" takes them from --
     "mudenet_core/scoring.py",  # MuDeNet's fused head distances and one-matrix upsample + blur
     "mudenet_core/nets/mudenet.py",
     "mudenet_core/mudenet.py",
+    "mudenet_core/baselines/uninformed_students.py",  # the teacher and students as one grouped network
 )
 # cpu-profile overrides that shorten training to a few steps (the networks keep their sizes)
 FAST_FIT: dict[str, list[str]] = {
