@@ -69,7 +69,7 @@ from mudenet_core.baselines.ae import draw_seed, seeded
 from mudenet_core.baselines.common import gaussian_blur, iterate_images
 from mudenet_core.config import ConfigBase, ConfigError, nonnegative, positive
 from mudenet_core.io import REPO_ROOT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from mudenet_core.nets.efficientnet_lite import inference_path_enabled, weights_key
+from mudenet_core.nets.efficientnet_lite import inference_path_enabled, weights_cached
 from mudenet_core.utils import progress, resolve_device
 
 LEAKY_SLOPE = 5e-3  # the paper's LeakyReLU slope
@@ -383,19 +383,16 @@ class ScaleModel(nn.Module):
         and cast back. The dilations are those of ``dense_mode``.
 
         Cached like ``MuDeNetNets.inference_heads``: rebuilt whenever a parameter or buffer of the scale is
-        replaced, moved or written in place (:func:`~mudenet_core.nets.efficientnet_lite.weights_key`); kept
-        out of the state dict.
+        replaced, moved or written in place
+        (:func:`~mudenet_core.nets.efficientnet_lite.weights_cached`); kept out of the state dict.
         """
-        key = weights_key(self)
-        cached = self.__dict__.get("_fused_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        nets = [*self.students, self.teacher]
-        dilated = self.dense_mode == "dilated"
-        i_last = max(i for i, layer in enumerate(self.teacher.layers) if isinstance(layer, nn.Conv2d))
-        steps: list[tuple] = []
-        dil = 1
-        with torch.no_grad():
+
+        def build() -> tuple[tuple, ...]:
+            nets = [*self.students, self.teacher]
+            dilated = self.dense_mode == "dilated"
+            i_last = max(i for i, layer in enumerate(self.teacher.layers) if isinstance(layer, nn.Conv2d))
+            steps: list[tuple] = []
+            dil = 1
             for i, layer in enumerate(self.teacher.layers):
                 if isinstance(layer, nn.MaxPool2d):
                     step = ("pool", 1, dil) if dilated else ("pool", 2, 1)
@@ -418,9 +415,9 @@ class ScaleModel(nn.Module):
                 else:
                     assert isinstance(layer, nn.LeakyReLU), f"unexpected layer {layer}"
                     steps.append(("leaky",))
-        plan = tuple(steps)
-        self.__dict__["_fused_cache"] = (key, plan)
-        return plan
+            return tuple(steps)
+
+        return weights_cached(self, "_fused_cache", build)
 
     def fused_error_and_variance(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`error_and_variance` through :meth:`fused_layers` (inference only, no autograd).
@@ -447,15 +444,12 @@ class ScaleModel(nn.Module):
                 else:
                     y = F.leaky_relu_(y, LEAKY_SLOPE)  # y is this step's own fresh tensor
             # channels-last (b, (M + 1) d, h, w) -> a view (b, h, w, M + 1, d): students 0 .. M-1, then the
-            # normalised teacher; the formulas of regression_error and predictive_variance, reduced over the
-            # contiguous last axis (on the permuted (M, b, d, h, w) view those reductions run ~4x slower)
+            # normalised teacher; error and variance reduced over the contiguous last axis (on a permuted
+            # (M, b, d, h, w) view the same reductions run ~4x slower)
             s = y.permute(0, 2, 3, 1).unflatten(-1, (m + 1, d))
-            errors.append((s[..., :m, :].mean(-2) - s[..., m, :]).pow(2).sum(-1))  # (b, h, w)
-            v = torch.zeros_like(errors[-1])
-            for i in range(m):
-                for j in range(i + 1, m):  # pairwise: exactly 0 where the students agree
-                    v = v + (s[..., i, :] - s[..., j, :]).pow(2).sum(-1)
-            variances.append(v / (m * m))
+            preds = s[..., :m, :]  # (b, h, w, M, d)
+            errors.append(regression_error(preds, s[..., m, :], member_dim=-2, channel_dim=-1))  # (b, h, w)
+            variances.append(predictive_variance(preds, member_dim=-2, channel_dim=-1))
         return torch.cat(errors), torch.cat(variances)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -542,30 +536,37 @@ def compactness_loss(corr: torch.Tensor) -> torch.Tensor:
     return off.pow(2).sum() / (d * (d - 1))
 
 
-def regression_error(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def regression_error(
+    preds: torch.Tensor, target: torch.Tensor, *, member_dim: int = 0, channel_dim: int = 1
+) -> torch.Tensor:
     """E = ||mean_m S_m - y||^2 summed over the descriptor channels.
 
     Args:
-        preds: student predictions (M, B, d, h, w).
-        target: normalised teacher descriptors (B, d, h, w).
+        preds: student predictions (M, B, d, h, w) (another layout: ``member_dim``, ``channel_dim``).
+        target: normalised teacher descriptors (B, d, h, w), ``preds`` without the member axis.
+        member_dim: the students' axis of ``preds``.
+        channel_dim: the descriptor axis of ``target`` (and of ``preds`` once ``member_dim`` is removed).
 
     Returns:
-        (B, h, w).
+        (B, h, w) (``target``'s shape without ``channel_dim``).
     """
-    assert preds.ndim == 5 and preds.shape[1:] == target.shape, (
+    mean = preds.mean(member_dim)
+    assert preds.ndim == 5 and mean.shape == target.shape, (
         f"preds (M,B,d,h,w) {tuple(preds.shape)} and target (B,d,h,w) {tuple(target.shape)} disagree"
     )
-    return (preds.mean(0) - target).pow(2).sum(1)
+    return (mean - target).pow(2).sum(channel_dim)
 
 
-def predictive_variance(preds: torch.Tensor) -> torch.Tensor:
+def predictive_variance(preds: torch.Tensor, *, member_dim: int = 0, channel_dim: int = 1) -> torch.Tensor:
     """V = 1/M sum_m ||S_m||^2 - ||mean_m S_m||^2, the ensemble's variance summed over channels.
 
     Computed as 1/M^2 sum_{m<n} ||S_m - S_n||^2 (the same quantity), which is exactly zero when the students
     agree and never negative.
 
     Args:
-        preds: (M, B, d, h, w).
+        preds: (M, B, d, h, w) (another layout: ``member_dim``, ``channel_dim``).
+        member_dim: the students' axis.
+        channel_dim: the descriptor axis of one student's (B, d, h, w) prediction.
 
     Returns:
         (B, h, w).
@@ -576,11 +577,12 @@ def predictive_variance(preds: torch.Tensor) -> torch.Tensor:
         1.0
     """
     assert preds.ndim == 5, f"expected (M, B, d, h, w), got {tuple(preds.shape)}"
-    m = preds.shape[0]
-    total = preds.new_zeros(preds.shape[1:2] + preds.shape[3:])  # (B, h, w)
+    students = preds.unbind(member_dim)
+    m = len(students)
+    total = torch.zeros_like(students[0].select(channel_dim, 0))  # (B, h, w)
     for i in range(m):
         for j in range(i + 1, m):
-            total = total + (preds[i] - preds[j]).pow(2).sum(1)
+            total = total + (students[i] - students[j]).pow(2).sum(channel_dim)
     return total / (m * m)
 
 

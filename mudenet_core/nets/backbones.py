@@ -46,7 +46,7 @@ from mudenet_core.nets.efficientnet_lite import (
     FoldedConv2d,
     MBConvBlock,
     inference_path_enabled,
-    weights_key,
+    weights_cached,
 )
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -220,15 +220,13 @@ class Backbone(nn.Module):
 
     def _folded_stages(self) -> OrderedDict[str, nn.Module]:
         """The folded copies of the stages up to the deepest requested one, rebuilt when a weight changed."""
-        used = nn.ModuleList(stage for stage in list(self.stages.values())[: self._last + 1])
-        key = weights_key(used)
-        cached = self.__dict__.get("_folded_cache")  # not a submodule: stays out of the state dict
-        if cached is None or cached[0] != key:
-            names = list(self.stages)[: self._last + 1]
-            with torch.no_grad():
-                cached = (key, OrderedDict((name, fold_stage(self.stages[name])) for name in names))
-            self.__dict__["_folded_cache"] = cached
-        return cached[1]
+        names = list(self.stages)[: self._last + 1]
+        return weights_cached(
+            self,
+            "_folded_cache",
+            lambda: OrderedDict((name, fold_stage(self.stages[name])) for name in names),
+            *(self.stages[name] for name in names),
+        )
 
     def _use_folded(self) -> bool:
         return self.fold_inference and inference_path_enabled()

@@ -33,11 +33,15 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+T = TypeVar("T")
 
 LITE_MEAN_RGB: tuple[float, float, float] = (127.0 / 255.0,) * 3  # TF: MEAN_RGB = [127.0] * 3 on 0..255 input
 LITE_STD_RGB: tuple[float, float, float] = (128.0 / 255.0,) * 3  # TF: STDDEV_RGB = [128.0] * 3
@@ -106,14 +110,37 @@ def inference_path_enabled() -> bool:
     return not torch.is_grad_enabled() and not tracing
 
 
-def weights_key(module: nn.Module) -> tuple:
-    """A key that changes whenever a parameter or buffer of ``module`` is replaced, moved or written in place.
+def weights_key(*sources: nn.Module | torch.Tensor) -> tuple:
+    """A key that changes whenever a tensor of ``sources`` is replaced, moved or written in place.
 
-    (storage pointer, version counter, device, dtype) per tensor: ``load_state_dict``, optimiser steps,
-    ``.to()`` and ``.double()`` all change it, so a cached folded copy keyed on it is never stale.
+    (storage pointer, version counter, device, dtype) per tensor (a module stands for its parameters and
+    buffers): ``load_state_dict``, optimiser steps, ``.to()`` and ``.double()`` all change it, so a cached
+    folded copy keyed on it is never stale.
     """
-    tensors = (*module.parameters(), *module.buffers())
+    tensors = [
+        t
+        for s in sources
+        for t in ((s,) if isinstance(s, torch.Tensor) else (*s.parameters(), *s.buffers()))
+    ]
     return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
+def weights_cached(
+    owner: nn.Module, name: str, build: Callable[[], T], *sources: nn.Module | torch.Tensor
+) -> T:
+    """``build()`` run without autograd, cached on ``owner`` until the weights it was built from change.
+
+    Cached under ``owner.__dict__[name]`` with the :func:`weights_key` of ``sources`` (default: ``owner``);
+    rebuilt when that key changes. The copy lives in ``owner.__dict__``, not as a submodule or buffer,
+    so it stays out of the state dict.
+    """
+    key = weights_key(*(sources or (owner,)))
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        owner.__dict__[name] = cached
+    return cached[1]
 
 
 def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:

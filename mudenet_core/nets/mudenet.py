@@ -30,7 +30,7 @@ from torch import nn
 
 from mudenet_core import scoring
 from mudenet_core.nets.autoencoder import Autoencoder
-from mudenet_core.nets.efficientnet_lite import inference_path_enabled
+from mudenet_core.nets.efficientnet_lite import inference_path_enabled, weights_cached
 from mudenet_core.nets.pdn import DescriptorNet
 
 # layout of the descriptor networks' features in the fused scoring path (channels-last: faster at width 16
@@ -92,31 +92,27 @@ class MuDeNetNets(nn.Module):
         the folded networks: rebuilt when a head weight or the teacher statistics change; not in the state
         dict.
         """
-        tensors = (self.teacher_mean, self.teacher_std, *self.teacher.heads.parameters(),
-                   *self.student.heads.parameters(), *self.logical_student.heads.parameters())
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-        cached = self.__dict__.get("_heads_cache")
-        if cached is None or cached[0] != key:
+        def build() -> tuple[dict[str, torch.Tensor], ...]:
             heads = []
-            with torch.no_grad():
-                for lv in range(self.num_levels):
-                    t_head, s_head = self.teacher.heads[lv], self.student.heads[lv]
-                    l_head = self.logical_student.heads[lv]
-                    dtype = t_head.weight.dtype
-                    std, mean = self.teacher_std[lv].double(), self.teacher_mean[lv].double()  # (C,)
-                    w_t = t_head.weight.double().flatten(1) / std[:, None]  # (C, width)
-                    b_t = (t_head.bias.double() - mean) / std  # (C,)
-                    heads.append({
-                        "teacher_w": w_t.t().contiguous().to(dtype),  # (width, C)
-                        "teacher_b": b_t.to(dtype),
-                        "student_w": -s_head.weight.detach().flatten(1).t().contiguous(),
-                        "structural_b": (b_t - s_head.bias.double()).to(dtype),
-                        "logical_w": -l_head.weight.detach().flatten(1).t().contiguous(),
-                        "logical_b": -l_head.bias.detach().clone(),
-                    })
-            cached = (key, tuple(heads))
-            self.__dict__["_heads_cache"] = cached
-        return cached[1]
+            for lv in range(self.num_levels):
+                t_head, s_head = self.teacher.heads[lv], self.student.heads[lv]
+                l_head = self.logical_student.heads[lv]
+                dtype = t_head.weight.dtype
+                std, mean = self.teacher_std[lv].double(), self.teacher_mean[lv].double()  # (C,)
+                w_t = t_head.weight.double().flatten(1) / std[:, None]  # (C, width)
+                b_t = (t_head.bias.double() - mean) / std  # (C,)
+                heads.append({
+                    "teacher_w": w_t.t().contiguous().to(dtype),  # (width, C)
+                    "teacher_b": b_t.to(dtype),
+                    "student_w": -s_head.weight.detach().flatten(1).t().contiguous(),
+                    "structural_b": (b_t - s_head.bias.double()).to(dtype),
+                    "logical_w": -l_head.weight.detach().flatten(1).t().contiguous(),
+                    "logical_b": -l_head.bias.detach().clone(),
+                })
+            return tuple(heads)
+
+        return weights_cached(self, "_heads_cache", build, self.teacher_mean, self.teacher_std,
+                              self.teacher.heads, self.student.heads, self.logical_student.heads)
 
     def teacher_maps(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, ...]:
         """Teacher maps X^l (B, C, h, w), normalised with ``teacher_mean/std`` if ``normalize``.

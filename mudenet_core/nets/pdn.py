@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mudenet_core.nets.efficientnet_lite import FoldedConv2d, inference_path_enabled, weights_key
+from mudenet_core.nets.efficientnet_lite import FoldedConv2d, inference_path_enabled, weights_cached
 
 CHANNELS_LAST_MIN_WIDTH = 32  # folded inference runs channels-last from this width on (see module docstring)
 
@@ -142,13 +142,7 @@ class DescriptorNet(nn.Module):
         Cached and rebuilt when any weight or running statistic changes; not registered, so the state dict is
         unchanged.
         """
-        key = weights_key(self)
-        cached = self.__dict__.get("_folded_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, FoldedDescriptorNet(self))
-            self.__dict__["_folded_cache"] = cached
-        return cached[1]
+        return weights_cached(self, "_folded_cache", lambda: FoldedDescriptorNet(self))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Image (B, 3, H, W) -> S descriptor maps, each (B, C, H/2, W/2)."""
