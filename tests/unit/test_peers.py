@@ -10,7 +10,10 @@ timm model and comparing features runs only where timm is importable.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,9 +108,6 @@ def test_mapped_weights_give_timm_the_same_features():  # pragma: no cover - nee
 def test_run_sampled_survives_a_child_that_writes_more_than_a_pipe_holds(tmp_path):
     """A worker printing 1 MiB to stderr and stdout (anomalib's progress at 256 px) must finish and hand back
     both streams; with pipes that nobody drains while sampling, it blocks in write for ever."""
-    import os
-    import textwrap
-
     script = tmp_path / "chatty.py"
     script.write_text(
         textwrap.dedent(
@@ -118,8 +118,6 @@ def test_run_sampled_survives_a_child_that_writes_more_than_a_pipe_holds(tmp_pat
             """
         )
     )
-    import threading
-
     result = {}
     worker = threading.Thread(
         target=lambda: result.update(out=peers.run_sampled([sys.executable, str(script)], dict(os.environ))),

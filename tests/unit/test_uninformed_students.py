@@ -57,7 +57,7 @@ def splits(synthetic_root):
 
 # TINY trains its students for a few steps only (plumbing tests): fit's "have not learnt the teacher" warning
 # is expected there and checked on purpose in test_untrained_students_warn
-TINY_WARNING = "ignore:UninformedStudents p=.*have not learnt the teacher:RuntimeWarning"
+TINY_WARNING = "UninformedStudents p=.*have not learnt the teacher"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def fitted(splits, tmp_path_factory):
     ckpt_dir = tmp_path_factory.mktemp("us_ckpt")
     det = UninformedStudents(TINY)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "UninformedStudents p=.*have not learnt", RuntimeWarning)
+        warnings.filterwarnings("ignore", TINY_WARNING, RuntimeWarning)
         log = det.fit(
             splits.train,
             splits.val,
@@ -203,7 +203,7 @@ def test_resume_with_all_stages_done_reproduces_predictions(fitted, splits):
     assert torch.equal(det.predict(x)[0], again.predict(x)[0])
 
 
-@pytest.mark.filterwarnings(TINY_WARNING)
+@pytest.mark.filterwarnings(f"ignore:{TINY_WARNING}:RuntimeWarning")
 def test_resume_after_interruption_equals_uninterrupted_run(fitted, splits, tmp_path, monkeypatch):
     import mudenet_core.baselines.uninformed_students as us
 
